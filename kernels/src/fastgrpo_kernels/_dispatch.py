@@ -1,0 +1,54 @@
+"""Backend choice and small shared helpers.
+
+Every op takes `backend=None | "triton" | "torch"`. None picks Triton for CUDA tensors and the chunked
+PyTorch path for everything else. Naming "triton" for CPU tensors only works under TRITON_INTERPRET=1,
+which is how the CPU test suite checks the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # the torch path needs nothing else
+    HAS_TRITON = False
+
+BACKENDS = ("triton", "torch")
+
+# Budget for one chunk of fp32 logits on the torch path. Large enough that each GEMM stays efficient, small
+# enough that the temporaries stay far below the 256 MiB the fused-linear ops promise.
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
+    if backend is None:
+        return "triton" if HAS_TRITON and tensor.is_cuda else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+        if not tensor.is_cuda and not interpreting():
+            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (correctness checks only)")
+    return backend
+
+
+def rows_per_chunk(n_rows: int, row_bytes: int, chunk_bytes: int | None) -> int:
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    if budget <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    return max(1, min(n_rows, budget // max(row_bytes, 1)))
+
+
+def check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")

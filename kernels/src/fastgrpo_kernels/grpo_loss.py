@@ -1,0 +1,307 @@
+"""The GRPO objective over logits: one read of the logits forward, one read + one write backward.
+
+Per token t of sequence b (logp from logits / temperature):
+    r_t   = exp(logp_t - old_logp_t)                    token-level ratio, or
+    r_t   = exp(mean_{t' in b} (logp - old_logp))      sequence-level ratio (GSPO)
+    l_t   = -min(min(r_t, delta) A_b, clip(r_t, 1 - eps_low, 1 + eps_high) A_b) * is_weight_t
+            + beta * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)          k3 KL estimate
+    loss  = sum_t w_t l_t, with w_t from the completion mask and the aggregation:
+        grpo     mask_t / (len_b * B)                  mean over each sequence, then over sequences
+        bnpo     mask_t / num_items                    mean over all tokens (num_items: local count, or a
+        dapo     (same as bnpo)                        global count for gradient accumulation / several ranks)
+        dr_grpo  mask_t / (B * max_completion_length)  sum over a constant length
+
+The heavy part is the two passes over [N, V] logits (`logits_forward` / `logits_backward`, shared with
+selective_logprobs). Everything between them is O(N) math on per-token vectors, differentiated with autograd
+w.r.t. logp, so every variant (sequence-level ratios, delta, IS weights) gets its exact gradient from one
+definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .logprobs import as_rows, logits_backward, logits_forward, selective_logprobs_reference
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+IMPORTANCE_LEVELS = ("token", "sequence")
+METRICS = ("kl", "clip_low", "clip_high", "clip_region", "entropy", "ratio")
+
+
+@dataclass(frozen=True)
+class GRPOLossConfig:
+    loss_type: str = "grpo"
+    importance_level: str = "token"  # "sequence" is GSPO
+    eps_low: float = 0.2
+    eps_high: float = 0.2  # > eps_low is DAPO's clip-higher
+    delta: float | None = None  # two-sided clip: caps the unclipped ratio (INTELLECT-2); must exceed 1 + eps_high
+    beta: float = 0.0  # k3 KL coefficient; 0 needs no reference log-probs
+    temperature: float = 1.0
+    max_completion_length: int | None = None  # dr_grpo's constant; None: the padded length T
+    compute_entropy: bool = False  # mean entropy as a metric (no gradient)
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.importance_level not in IMPORTANCE_LEVELS:
+            raise ValueError(f"importance_level must be one of {IMPORTANCE_LEVELS}, got {self.importance_level!r}")
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={self.eps_low}, eps_high={self.eps_high}")
+        if self.delta is not None and not self.delta > 1 + self.eps_high:
+            raise ValueError(f"delta must be > 1 + eps_high = {1 + self.eps_high}, got {self.delta}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.max_completion_length is not None and self.max_completion_length <= 0:
+            raise ValueError(f"max_completion_length must be positive, got {self.max_completion_length}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The spec: plain PyTorch on padded [B, T] tensors, full fp32 log-softmax.
+
+
+def grpo_loss_reference(logits, ids, advantages, mask, old_logp=None, ref_logp=None, config=GRPOLossConfig(),
+                        is_weights=None, num_items=None):
+    """logits [B, T, V], ids/mask/old_logp/ref_logp/is_weights [B, T], advantages [B] -> (loss, metrics)."""
+    c = config
+    logp, entropy = selective_logprobs_reference(logits, ids, c.temperature, return_entropy=True)
+    mask = mask.float()
+    old_logp = logp.detach() if old_logp is None else old_logp
+    log_ratio = logp - old_logp
+    if c.importance_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
+    ratio = torch.exp(log_ratio)
+    adv = advantages.unsqueeze(-1)
+    clipped = torch.clamp(ratio, 1 - c.eps_low, 1 + c.eps_high)
+    unclipped = ratio if c.delta is None else torch.clamp(ratio, max=c.delta)
+    per_token = -torch.min(unclipped * adv, clipped * adv)
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    kl = torch.zeros_like(logp)
+    if c.beta != 0:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+        per_token = per_token + c.beta * kl
+    per_token = per_token.expand_as(mask)
+    B, T = mask.shape
+    if c.loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif c.loss_type in ("bnpo", "dapo"):
+        loss = (per_token * mask).sum() / (mask.sum().clamp(min=1) if num_items is None else num_items)
+    else:
+        loss = (per_token * mask).sum() / (B * (c.max_completion_length or T))
+
+    def masked_mean(x):
+        return ((x.expand_as(mask) * mask).sum() / mask.sum().clamp(min=1)).detach()
+
+    metrics = {
+        "kl": masked_mean(kl),
+        "clip_low": masked_mean(((ratio < 1 - c.eps_low) & (adv < 0)).float()),
+        "clip_high": masked_mean(((ratio > 1 + c.eps_high) & (adv > 0)).float()),
+        "entropy": masked_mean(entropy),
+        "ratio": masked_mean(ratio),
+    }
+    metrics["clip_region"] = metrics["clip_low"] + metrics["clip_high"]
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-token inputs, flattened to [N], and the O(N) objective shared by the logits and fused-linear ops.
+
+
+class TokenBatch(NamedTuple):
+    """Everything the objective needs besides logp; every tensor is flat [N] (seq_len / num_seqs aside)."""
+
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+    advantages: torch.Tensor  # per token
+    is_weights: torch.Tensor | None
+    mask: torch.Tensor  # fp32 0/1
+    weights: torch.Tensor  # aggregation weight w_t (zero where masked)
+    seq_idx: torch.Tensor  # which sequence each token belongs to
+    seq_len: torch.Tensor  # [B] unmasked tokens per sequence
+
+    def rows(self, rows: slice) -> "TokenBatch":
+        """The tokens in `rows` (token-level objectives only: sequence stats stay whole)."""
+        pick = lambda x: x if x is None or x is self.seq_len else x[rows]  # noqa: E731
+        return TokenBatch(*(pick(x) for x in self))
+
+
+def _flat(x, name, n):
+    if x is None:
+        return None
+    x = x.reshape(-1)
+    if x.numel() != n:
+        raise ValueError(f"{name} has {x.numel()} elements, expected one per token ({n})")
+    return x.float()
+
+
+def make_token_batch(ids, advantages, mask=None, old_logp=None, ref_logp=None, is_weights=None, config=GRPOLossConfig(),
+                     cu_seqlens=None, num_items=None) -> TokenBatch:
+    """Flatten per-token inputs given as [B, T] (padded) or [N] with cu_seqlens [B + 1] (packed)."""
+    device = ids.device
+    if cu_seqlens is None:
+        if ids.dim() != 2:
+            raise ValueError(f"token ids must be [B, T], or [N] with cu_seqlens; got shape {tuple(ids.shape)}")
+        B, T = ids.shape
+        seq_idx = torch.arange(B, device=device).repeat_interleave(T)
+    else:
+        if ids.dim() != 1:
+            raise ValueError(f"with cu_seqlens, token ids must be [N]; got shape {tuple(ids.shape)}")
+        lengths = cu_seqlens.diff()
+        if int(cu_seqlens[-1]) != ids.numel():
+            raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but there are {ids.numel()} tokens")
+        B, T = lengths.numel(), int(lengths.max())
+        seq_idx = torch.arange(B, device=device).repeat_interleave(lengths)
+    n = ids.numel()
+    mask = torch.ones(n, device=device) if mask is None else _flat(mask, "mask", n)
+    if advantages.numel() == B:
+        adv = advantages.float().reshape(B)[seq_idx]
+    else:
+        adv = _flat(advantages, "advantages", n)
+    if config.beta != 0 and ref_logp is None:
+        raise ValueError(f"beta={config.beta} needs ref_logp (reference log-probs); pass beta=0 to train without one")
+    seq_len = torch.zeros(B, device=device).index_add_(0, seq_idx, mask)
+    if config.loss_type == "grpo":
+        weights = mask / (seq_len.clamp(min=1)[seq_idx] * B)
+    elif config.loss_type in ("bnpo", "dapo"):
+        weights = mask / (mask.sum().clamp(min=1) if num_items is None else float(num_items))
+    else:
+        weights = mask / (B * (config.max_completion_length or T))
+    return TokenBatch(_flat(old_logp, "old_logp", n), _flat(ref_logp, "ref_logp", n), adv,
+                      _flat(is_weights, "is_weights", n), mask, weights, seq_idx, seq_len)
+
+
+def objective(logp: torch.Tensor, batch: TokenBatch, config: GRPOLossConfig):
+    """Loss (sum of w_t l_t over the given tokens) and metric sums; differentiable w.r.t. logp [n]."""
+    c = config
+    old_logp = logp.detach() if batch.old_logp is None else batch.old_logp
+    log_ratio = logp - old_logp
+    if c.importance_level == "sequence":
+        seq_sum = torch.zeros_like(batch.seq_len).index_add(0, batch.seq_idx, log_ratio * batch.mask)
+        log_ratio = (seq_sum / batch.seq_len.clamp(min=1))[batch.seq_idx]
+    ratio = torch.exp(log_ratio)
+    adv = batch.advantages
+    clipped = torch.clamp(ratio, 1 - c.eps_low, 1 + c.eps_high)
+    unclipped = ratio if c.delta is None else torch.clamp(ratio, max=c.delta)
+    per_token = -torch.minimum(unclipped * adv, clipped * adv)
+    if batch.is_weights is not None:
+        per_token = per_token * batch.is_weights
+    if c.beta != 0:
+        diff = batch.ref_logp - logp
+        kl = torch.exp(diff) - diff - 1
+        per_token = per_token + c.beta * kl
+    loss = (batch.weights * per_token).sum()
+    with torch.no_grad():
+        m = batch.mask
+        low = ((ratio < 1 - c.eps_low) & (adv < 0)).float()
+        high = ((ratio > 1 + c.eps_high) & (adv > 0)).float()
+        sums = torch.stack([
+            (m * kl).sum() if c.beta != 0 else m.new_zeros(()),
+            (m * low).sum(), (m * high).sum(), (m * (low + high)).sum(),
+            m.new_zeros(()),  # entropy: filled in by the caller, which has it
+            (m * ratio).sum(),
+        ])
+    return loss, sums
+
+
+def objective_grad(logp, batch, config):
+    """(loss, dloss/dlogp, metric sums) for the given tokens, without building a graph beyond O(n)."""
+    with torch.enable_grad():
+        leaf = logp.detach().requires_grad_()
+        loss, sums = objective(leaf, batch, config)
+        (dlogp,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), dlogp, sums
+
+
+def finish_metrics(sums: torch.Tensor, entropy_sum, batch: TokenBatch) -> torch.Tensor:
+    """Metric sums -> [means over unmasked tokens..., token count], one tensor (no host sync)."""
+    if entropy_sum is not None:
+        sums = sums.clone()
+        sums[METRICS.index("entropy")] = entropy_sum
+    tokens = batch.mask.sum()
+    return torch.cat([sums / tokens.clamp(min=1), tokens[None]])
+
+
+def metrics_dict(values: torch.Tensor, config: GRPOLossConfig) -> dict[str, torch.Tensor]:
+    metrics = dict(zip(METRICS + ("tokens",), values.unbind()))
+    if not config.compute_entropy:
+        del metrics["entropy"]
+    if config.beta == 0:
+        del metrics["kl"]
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _GRPOLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, ids, batch, config, inplace_backward, backend, chunk_bytes):
+        logp, lse, entropy = logits_forward(logits, ids, config.temperature, config.compute_entropy, backend,
+                                            chunk_bytes)
+        loss, dlogp, sums = objective_grad(logp, batch, config)
+        entropy_sum = (entropy * batch.mask).sum() if entropy is not None else None
+        metrics = finish_metrics(sums, entropy_sum, batch)
+        ctx.mark_non_differentiable(metrics)
+        ctx.save_for_backward(logits, ids, lse, dlogp)
+        ctx.config = (config.temperature, inplace_backward, backend, chunk_bytes)
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        logits, ids, lse, dlogp = ctx.saved_tensors
+        temperature, inplace_backward, backend, chunk_bytes = ctx.config
+        dlogits = logits_backward(logits, ids, lse, dlogp * grad_loss.float(), temperature=temperature,
+                                  out=logits if inplace_backward else None, backend=backend, chunk_bytes=chunk_bytes)
+        return dlogits, None, None, None, None, None, None
+
+
+def grpo_loss(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    config: GRPOLossConfig = GRPOLossConfig(),
+    *,
+    is_weights: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    num_items: float | None = None,
+    inplace_backward: bool = False,
+    backend: str | None = None,
+    chunk_bytes: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO loss over logits; gradients flow to `logits` only.
+
+    Padded layout:  logits [B, T, V], ids / mask / old_logp / ref_logp / is_weights [B, T], advantages [B]
+    Packed layout:  logits [N, V], those per-token tensors [N], cu_seqlens [B + 1] (int), advantages [B] or [N]
+    old_logp None means on-policy (ratio 1, gradient still flows); is_weights are truncated importance-sampling
+    weights for rollout/trainer mismatch (see `truncated_is_weights`); num_items replaces the local token count
+    of bnpo/dapo. logits: fp32, bf16 or fp16 with unit stride along V. Returns (loss, metrics): loss is an fp32
+    scalar; metrics holds 0-dim means over unmasked tokens of clip_low, clip_high, clip_region, ratio, kl (when
+    beta > 0), entropy (when config.compute_entropy), and the token count.
+    """
+    batch = make_token_batch(ids, advantages, mask, old_logp, ref_logp, is_weights, config, cu_seqlens, num_items)
+    rows, flat_ids = as_rows(logits, ids)
+    loss, metrics = _GRPOLoss.apply(rows, flat_ids, batch, config, inplace_backward, backend, chunk_bytes)
+    return loss, metrics_dict(metrics, config)
+
+
+def truncated_is_weights(trainer_logp, rollout_logp, mask=None, cap=2.0, level="token"):
+    """Truncated importance-sampling weights min(exp(trainer - rollout), cap), detached.
+
+    Corrects for the generator (e.g. vLLM) sampling from slightly different probabilities than the trainer
+    computes. trainer_logp / rollout_logp / mask: [B, T]; level "sequence" uses the masked mean log-ratio.
+    """
+    log_ratio = (trainer_logp - rollout_logp).detach().float()
+    if level == "sequence":
+        m = torch.ones_like(log_ratio) if mask is None else mask.float()
+        log_ratio = ((log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).expand_as(m)
+    elif level != "token":
+        raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
+    return torch.exp(log_ratio).clamp(max=cap)
