@@ -13,7 +13,7 @@ def test_matches_reference(backend, dtype, N, V, temperature):
     x = make_logits(N, V, dtype, extreme=True)
     ids = make_ids(N, V)
     ours_in = x.clone().requires_grad_()
-    ref_in = x.float().requires_grad_()  # the same values, upcast: our fp32 math should reproduce fp32 torch
+    ref_in = x.float().clone().requires_grad_()  # the same values, upcast: our fp32 math should reproduce fp32 torch
     logp, ent = selective_logprobs(ours_in, ids, temperature, return_entropy=True, backend=backend)
     ref_logp, ref_ent = selective_logprobs_reference(ref_in, ids, temperature, return_entropy=True)
     assert logp.dtype == ent.dtype == torch.float32

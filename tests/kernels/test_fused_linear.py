@@ -1,0 +1,148 @@
+import pytest
+import torch
+from conftest import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastgrpo_kernels import GRPOLossConfig, fused_linear_cross_entropy, fused_linear_grpo_loss, fused_linear_logprobs
+from fastgrpo_kernels.grpo_loss import grpo_loss_reference
+from fastgrpo_kernels.logprobs import selective_logprobs_reference
+
+B, T, H, V = 3, 9, 16, 1271
+TOL = dict(atol=1e-5, rtol=1e-5)
+SMALL_CHUNK = V * 4 * 4  # 4 rows per chunk: 27 rows exercise several chunks and a ragged last one
+
+
+def make_inputs(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    ids[0, 0], ids[-1, -1] = 0, V - 1
+    mask = (torch.rand(B, T, generator=g) > 0.2).float()
+    mask[1] = 0
+    with torch.no_grad():
+        logp = selective_logprobs_reference(hidden.float() @ weight.float().T / 0.7, ids)
+    old = logp + 0.3 * torch.randn(B, T, generator=g)
+    ref = logp + 0.3 * torch.randn(B, T, generator=g)
+    return hidden, weight, ids, mask, old, ref, torch.randn(B, generator=g)
+
+
+def leaves(*tensors, grad=True):
+    return [t.clone().requires_grad_(grad) for t in tensors]
+
+
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm_.default,
+                    torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_loss_matches_reference(backend, level, beta):
+    hidden, weight, ids, mask, old, ref, adv = make_inputs()
+    config = GRPOLossConfig(importance_level=level, beta=beta, eps_high=0.28, temperature=0.7, compute_entropy=True)
+    h1, w1, h2, w2 = leaves(hidden, weight, hidden, weight)
+    loss, metrics = fused_linear_grpo_loss(h1, w1, ids, adv, mask, old, ref, config, backend=backend,
+                                           chunk_bytes=SMALL_CHUNK)
+    ref_loss, ref_metrics = grpo_loss_reference(h2 @ w2.T, ids, adv, mask, old, ref, config)
+    (loss * 0.3).backward()
+    (ref_loss * 0.3).backward()
+    assert_close(loss, ref_loss, TOL, "loss")
+    assert_close(h1.grad, h2.grad, TOL, "dhidden")
+    assert_close(w1.grad, w2.grad, TOL, "dweight")
+    for name in metrics:
+        if name != "tokens":
+            assert_close(metrics[name], ref_metrics[name], TOL, name)
+
+
+def test_packed_and_frozen_head(backend):
+    hidden, weight, ids, mask, old, ref, adv = make_inputs(seed=1)
+    keep = torch.ones(B, T, dtype=torch.bool)
+    keep[0, 5:] = False
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), keep.sum(1).cumsum(0)])
+    config = GRPOLossConfig(loss_type="bnpo", beta=0.04)
+    h1, h2 = leaves(hidden, hidden)
+    frozen = weight.clone()
+    loss, _ = fused_linear_grpo_loss(h1[keep], frozen, ids[keep], adv, None, old[keep], ref[keep], config,
+                                     cu_seqlens=cu_seqlens, backend=backend, chunk_bytes=SMALL_CHUNK)
+    ref_loss, _ = grpo_loss_reference(h2 @ weight.T, ids, adv, keep.float(), old, ref, config)
+    loss.backward()
+    ref_loss.backward()
+    assert frozen.grad is None
+    assert_close(loss, ref_loss, TOL, "loss")
+    assert_close(h1.grad, h2.grad, TOL, "dhidden")
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_three_matmuls_per_chunk(frozen):
+    """Token-level loss: z = hW^T, dh = dz W, dW = dz^T h per chunk, and no recompute; frozen head: two."""
+    hidden, weight, ids, mask, old, ref, adv = make_inputs()
+    h, w = leaves(hidden, weight)
+    w.requires_grad_(not frozen)
+    chunks = -(-B * T // 4)
+    with CountMatmuls() as counter:
+        loss, _ = fused_linear_grpo_loss(h, w, ids, adv, mask, old, ref, GRPOLossConfig(beta=0.04), backend="torch",
+                                         chunk_bytes=SMALL_CHUNK)
+        loss.backward()
+    assert counter.count == chunks * (2 if frozen else 3)
+
+
+def test_logprobs_and_cross_entropy(backend):
+    hidden, weight, ids, mask, *_ = make_inputs(seed=2)
+    h1, w1, h2, w2 = leaves(hidden, weight, hidden, weight)
+    with torch.no_grad():
+        assert_close(fused_linear_logprobs(hidden, weight, ids, 0.7, backend=backend, chunk_bytes=SMALL_CHUNK),
+                     selective_logprobs_reference(hidden @ weight.T, ids, 0.7), TOL, "no-grad logp")
+    g = torch.randn(B, T)
+    (fused_linear_logprobs(h1, w1, ids, 0.7, backend=backend, chunk_bytes=SMALL_CHUNK) * g).sum().backward()
+    (selective_logprobs_reference(h2 @ w2.T, ids, 0.7) * g).sum().backward()
+    assert_close(h1.grad, h2.grad, TOL, "logp dhidden")
+    assert_close(w1.grad, w2.grad, TOL, "logp dweight")
+
+    labels = ids.clone()
+    labels[0, :4] = -100
+    for reduction in ("mean", "sum"):
+        h1, w1, h2, w2 = leaves(hidden, weight, hidden, weight)
+        loss = fused_linear_cross_entropy(h1, w1, labels, mask=mask, reduction=reduction, backend=backend,
+                                          chunk_bytes=SMALL_CHUNK)
+        per_token = torch.nn.functional.cross_entropy((h2 @ w2.T).view(-1, V), labels.view(-1), reduction="none")
+        keep = (labels.view(-1) >= 0).float() * mask.view(-1)
+        ref_loss = (per_token * keep).sum() / (keep.sum() if reduction == "mean" else 1)
+        (2 * loss).backward()
+        (2 * ref_loss).backward()
+        assert_close(loss, ref_loss, TOL, f"ce {reduction}")
+        assert_close(h1.grad, h2.grad, TOL, f"ce {reduction} dhidden")
+        assert_close(w1.grad, w2.grad, TOL, f"ce {reduction} dweight")
+
+
+def test_bf16_inputs_torch_path():
+    """bf16 hidden/weight: fp32 logits chunks inside, gradients in bf16, close to the fp32 answer."""
+    hidden, weight, ids, mask, old, ref, adv = make_inputs(torch.bfloat16)
+    h1, w1 = leaves(hidden, weight)
+    h2, w2 = leaves(hidden.float(), weight.float())
+    config = GRPOLossConfig(beta=0.04)
+    loss, _ = fused_linear_grpo_loss(h1, w1, ids, adv, mask, old, ref, config, backend="torch", chunk_bytes=SMALL_CHUNK)
+    ref_loss, _ = grpo_loss_reference(h2 @ w2.T, ids, adv, mask, old, ref, config)
+    loss.backward()
+    ref_loss.backward()
+    assert h1.grad.dtype == w1.grad.dtype == torch.bfloat16
+    assert_close(loss, ref_loss, dict(atol=1e-3, rtol=1e-3), "loss")
+    assert_close(h1.grad, h2.grad, dict(atol=2e-3, rtol=2e-2), "dhidden")
+    assert_close(w1.grad, w2.grad, dict(atol=2e-3, rtol=2e-2), "dweight")
+
+
+def test_bad_input():
+    hidden, weight, ids, *_ = make_inputs()
+    with pytest.raises(ValueError, match="hidden size"):
+        fused_linear_logprobs(hidden, weight[:, :-1], ids)
+    with pytest.raises(ValueError, match="disagree"):
+        fused_linear_logprobs(hidden, weight, ids[:, :-1])
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        fused_linear_logprobs(hidden, weight, ids, chunk_bytes=0)
