@@ -136,7 +136,7 @@ def _torch_forward(logits, ids, inv_temperature, with_entropy, chunk_bytes):
     logp = torch.empty(N, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
-    step = rows_per_chunk(N, V * 4 * 3, chunk_bytes)
+    step = rows_per_chunk(N, V * 4 * 3, chunk_bytes, logits.device)
     for start in range(0, N, step):
         rows = slice(start, start + step)
         z = _scaled_chunk(logits[rows], inv_temperature)  # (c, V), fp32
@@ -150,7 +150,7 @@ def _torch_forward(logits, ids, inv_temperature, with_entropy, chunk_bytes):
 
 def _torch_backward(logits, dlogits, ids, lse, entropy, dlogp, dentropy, inv_temperature, chunk_bytes):
     N, V = logits.shape
-    step = rows_per_chunk(N, V * 4 * 3, chunk_bytes)
+    step = rows_per_chunk(N, V * 4 * 3, chunk_bytes, logits.device)
     for start in range(0, N, step):
         rows = slice(start, start + step)
         z = _scaled_chunk(logits[rows], inv_temperature)
