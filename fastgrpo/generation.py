@@ -1,0 +1,147 @@
+"""Rollouts: G completions per prompt, with per-token sampling log-probs and a finish reason.
+
+Two backends with one interface:
+- VLLMGenerator: vllm.LLM in this process. By default it shares weight storage with the trainer's model
+  (zero-copy, nothing to sync after an optimizer step); sync="reload" copies weights in place instead.
+- HFGenerator: transformers `generate` with a KV cache, for machines without vLLM and as a cross-check.
+
+Log-probs are those of the distribution actually sampled from: log_softmax(logits / temperature), after top-k /
+top-p when those are on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import vllm_bridge
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    n: int = 8  # completions per prompt (G)
+    temperature: float = 1.0  # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's EOS
+    seed: int | None = None  # prompt i of a call samples with seed + i
+
+    def __post_init__(self):
+        if self.n < 1 or self.max_tokens < 1:
+            raise ValueError(f"n and max_tokens must be >= 1, got n={self.n}, max_tokens={self.max_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self.temperature}, "
+                             f"{self.top_p}, {self.top_k}")
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # one per token in token_ids
+    finish_reason: str  # "stop" (a stop token, included in token_ids) or "length" (max_tokens reached)
+    prompt_index: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class VLLMGenerator:
+    """vLLM in process. `model` is the trainer's transformers model loaded from the same `model_path`.
+
+    sync="zero_copy" (default) shares storage with `model`; "reload" keeps vLLM's own (on CPU, oneDNN-packed)
+    weights and copies the trainer's into them on `sync_weights()`.
+    """
+
+    def __init__(self, model_path, model=None, sync="zero_copy", dtype="auto", max_model_len=2048,
+                 kv_cache_gib=1.0, gpu_memory_utilization=0.3, seed=0):
+        if sync not in ("zero_copy", "reload"):
+            raise ValueError(f"sync must be 'zero_copy' or 'reload', got {sync!r}")
+        if sync == "zero_copy" and model is None:
+            raise ValueError("sync='zero_copy' needs the trainer's model to share weights with")
+        self.llm = vllm_bridge.create_llm(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                                          kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization,
+                                          enable_sleep_mode=torch.cuda.is_available())
+        self.model, self.sync = model, sync
+        self.eos_token_id = self.llm.get_tokenizer().eos_token_id
+        if sync == "zero_copy":
+            vllm_bridge.share_weights(self.llm, model)
+
+    def sync_weights(self) -> float:
+        """Make vLLM see the trainer's current weights; returns seconds spent (0 when shared)."""
+        if self.sync == "zero_copy":
+            return 0.0
+        return vllm_bridge.reload_weights(self.llm, self.model.state_dict().items())
+
+    def sleep(self):
+        vllm_bridge.sleep(self.llm)
+
+    def wake(self):
+        vllm_bridge.wake(self.llm)
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = [
+            SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                           top_k=sampling.top_k or -1, max_tokens=sampling.max_tokens,
+                           stop_token_ids=list(sampling.stop_token_ids), logprobs=0,
+                           seed=None if sampling.seed is None else sampling.seed + i)
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        return [
+            [Completion(list(o.token_ids), [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)],
+                        "length" if o.finish_reason == "length" else "stop", prompt_index=i)
+             for o in out.outputs]
+            for i, out in enumerate(outputs)
+        ]
+
+
+class HFGenerator:
+    """transformers `generate` on the trainer's own model (always in sync)."""
+
+    def __init__(self, model, eos_token_id: int, pad_token_id: int):
+        self.model, self.eos_token_id, self.pad_token_id = model, eos_token_id, pad_token_id
+
+    def sync_weights(self) -> float:
+        return 0.0
+
+    def sleep(self):
+        pass
+
+    def wake(self):
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding: generation continues from the right edge
+            ids[i, width - len(p):] = torch.tensor(p)
+            attention[i, width - len(p):] = 1
+        stops = [self.eos_token_id, *sampling.stop_token_ids]
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        greedy = sampling.temperature == 0
+        out = self.model.generate(
+            input_ids=ids.to(device), attention_mask=attention.to(device), do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
+            top_k=None if greedy else sampling.top_k, max_new_tokens=sampling.max_tokens,
+            num_return_sequences=sampling.n, eos_token_id=stops, pad_token_id=self.pad_token_id,
+            output_scores=True, return_dict_in_generate=True,
+        )
+        new = out.sequences[:, width:].cpu()  # (B*n, steps)
+        # scores are the processed logits each token was sampled from (temperature, top-k/p applied)
+        logprobs = torch.stack(out.scores, 1).float().log_softmax(-1).cpu()  # (B*n, steps, V)
+        token_logprobs = logprobs.gather(-1, new[..., None]).squeeze(-1)
+        is_stop = torch.isin(new, torch.tensor(stops))
+        results = [[] for _ in prompts]
+        for row in range(new.shape[0]):
+            stop_at = is_stop[row].nonzero()
+            end = int(stop_at[0]) + 1 if len(stop_at) else new.shape[1]
+            reason = "stop" if len(stop_at) else "length"
+            results[row // sampling.n].append(Completion(new[row, :end].tolist(), token_logprobs[row, :end].tolist(),
+                                                         reason, prompt_index=row // sampling.n))
+        return results

@@ -1,0 +1,61 @@
+"""Tiny models and tokenizers built locally (nothing is downloaded), for tests, benchmarks and the demo.
+
+A character-level tokenizer (every printable ASCII character is a token) and a randomly initialized Qwen2 or
+Llama model, saved as a Hugging Face folder that transformers and vLLM both load.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<think>", "</think>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}{% else %}<|assistant|>{{ m['content'] }}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def char_tokenizer():
+    """A PreTrainedTokenizerFast over single characters: special tokens, then printable ASCII."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    # BPE without merges splits text into single characters; Fuse joins them back without spaces.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.add_special_tokens(SPECIAL_TOKENS)
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_config(arch="qwen2", vocab_size=128, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256,
+                max_positions=1024, tie_embeddings=False):
+    from transformers import LlamaConfig, Qwen2Config
+
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
+    return cls(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+               num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=max_positions,
+               tie_word_embeddings=tie_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def build_tiny_model(path, arch="qwen2", dtype=torch.float32, seed=0, **config_kwargs):
+    """Write tokenizer + randomly initialized model to `path`; returns the path. Vocab = the tokenizer's."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    tok = char_tokenizer()
+    config_kwargs.setdefault("vocab_size", len(tok))
+    config = tiny_config(arch, **config_kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

