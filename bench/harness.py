@@ -49,6 +49,7 @@ class Step:
     flops: float  # per full step, for TFLOP/s
     min_bytes: float  # memory traffic no exact method can avoid per full step, for GB/s
     tokens: int  # per step, for tokens/s
+    info: dict | None = None  # extra fields the builder measured (copied into the row)
 
 
 class Skip(Exception):
@@ -151,6 +152,7 @@ def _child_main(spec_json: str) -> None:
         print(ROW_MARKER + json.dumps({"skipped": str(why)}), flush=True)
         return
     result = measure(step, torch.device(params.get("device", "cpu")), spec["warmup"], spec["repeats"])
+    result.update(step.info or {})
     print(ROW_MARKER + json.dumps(result), flush=True)
 
 
