@@ -59,3 +59,21 @@ def build_tiny_model(path, arch="qwen2", dtype=torch.float32, seed=0, **config_k
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build a tiny random model + character tokenizer in PATH.")
+    parser.add_argument("path")
+    parser.add_argument("--arch", default="qwen2", choices=["qwen2", "llama"])
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_model(args.path, args.arch, hidden=args.hidden, layers=args.layers, seed=args.seed,
+                           intermediate=2 * args.hidden))
+
+
+if __name__ == "__main__":
+    main()

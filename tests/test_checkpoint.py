@@ -1,0 +1,177 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fastgrpo import checkpoint
+from fastgrpo.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_model_weights_,
+                                 save_checkpoint)
+from fastgrpo.tiny import char_tokenizer, tiny_config
+
+
+def make_model(seed=0, **config):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(vocab_size=len(char_tokenizer()), hidden=128, **config))
+
+
+def train_steps(model, optimizer, scheduler, n=2):
+    for _ in range(n):
+        ids = torch.randint(0, model.config.vocab_size, (2, 8))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+
+@pytest.fixture
+def trained():
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
+    train_steps(model, optimizer, scheduler)
+    return model, optimizer, scheduler
+
+
+def save(run_dir, step, model, **kwargs):
+    return save_checkpoint(run_dir, step, model, char_tokenizer(), **kwargs)
+
+
+def test_round_trip_restores_weights_optimizer_scheduler_state_and_rng(tmp_path, trained):
+    model, optimizer, scheduler = trained
+    path = save(tmp_path, 7, model, optimizer=optimizer, scheduler=scheduler,
+                state={"step": 7, "data_position": 112, "history": [{"reward": 0.5}]})
+    after_save = (torch.rand(4), random.random(), np.random.rand(3))
+
+    other = make_model(seed=1)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    other_sched = torch.optim.lr_scheduler.LambdaLR(other_opt, lambda s: 1 / (1 + s))
+    state = load_checkpoint(path, other, other_opt, other_sched)
+
+    assert state == {"step": 7, "data_position": 112, "history": [{"reward": 0.5}]}
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    torch.testing.assert_close(other_opt.state_dict(), optimizer.state_dict(), rtol=0, atol=0)
+    assert other_sched.state_dict() == scheduler.state_dict()
+    after_load = (torch.rand(4), random.random(), np.random.rand(3))
+    assert torch.equal(after_load[0], after_save[0])
+    assert after_load[1] == after_save[1]
+    np.testing.assert_array_equal(after_load[2], after_save[2])
+    # Training continues identically from the restored optimizer and scheduler.
+    torch.manual_seed(3)
+    train_steps(model, optimizer, scheduler, n=1)
+    torch.manual_seed(3)
+    train_steps(other, other_opt, other_sched, n=1)
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_layout_loads_in_transformers_and_trainer_state_loads_weights_only(tmp_path, trained):
+    model, optimizer, scheduler = trained
+    path = save(tmp_path, 1, model, optimizer=optimizer, scheduler=scheduler, state={"step": 1})
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (path / name).is_file(), name  # what vLLM's LLM(model=path) reads
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    saved = torch.load(path / checkpoint.TRAINER_STATE, weights_only=True)
+    assert set(saved) == {"optimizer", "scheduler", "state", "rng"}
+
+
+def test_state_that_weights_only_refuses_fails_at_save_time(tmp_path):
+    with pytest.raises(CheckpointError, match="numpy.*weights_only"):
+        save(tmp_path, 1, make_model(), state={"reward": np.float64(0.5)})
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_crash_mid_save_keeps_previous_checkpoint_and_next_save_cleans_up(tmp_path, monkeypatch):
+    model = make_model()
+    good = save(tmp_path, 1, model, state={"step": 1})
+    real_save = torch.save
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save(tmp_path, 2, model, state={"step": 2})
+    root = tmp_path / "checkpoints"
+    assert latest_checkpoint(tmp_path) == good
+    assert (root / "latest").read_text().strip() == good.name
+    assert sorted(p.name for p in root.glob("step-*")) == [good.name]  # no half-written step-00000002
+    assert load_checkpoint(good) == {"step": 1}
+
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    newer = save(tmp_path, 2, model, state={"step": 2})
+    assert latest_checkpoint(tmp_path) == newer
+    assert not list(root.glob(checkpoint.TMP_PREFIX + "*"))
+
+
+def test_keep_last_prunes_oldest_after_the_new_one_is_in_place(tmp_path):
+    model = make_model()
+    for step in (10, 20, 30, 40):
+        path = save(tmp_path, step, model, keep_last=2)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000030", "step-00000040"]
+    assert latest_checkpoint(tmp_path) == path
+    # Resumed from an earlier step in the same directory: the new checkpoint survives pruning and is latest.
+    path = save(tmp_path, 35, model, keep_last=2)
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000035", "step-00000040"]
+    assert latest_checkpoint(tmp_path) == path
+
+
+def test_resaving_a_step_replaces_it(tmp_path):
+    save(tmp_path, 5, make_model(), state={"v": 1})
+    path = save(tmp_path, 5, make_model(), state={"v": 2})
+    assert load_checkpoint(path) == {"v": 2}
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step-00000005"]
+
+
+def test_latest_falls_back_to_highest_step_when_pointer_is_missing_or_dangling(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    model = make_model()
+    save(tmp_path, 1, model)
+    second = save(tmp_path, 2, model)
+    pointer = tmp_path / "checkpoints" / "latest"
+    pointer.write_text("step-00000099\n")
+    assert latest_checkpoint(tmp_path) == second
+    pointer.unlink()
+    assert latest_checkpoint(tmp_path) == second
+
+
+def test_tied_embeddings_load_in_place(tmp_path):
+    model = make_model(tie_embeddings=True)
+    path = save(tmp_path, 1, model)
+    other = make_model(seed=1, tie_embeddings=True)
+    load_model_weights_(other, path)
+    assert torch.equal(other.lm_head.weight, model.lm_head.weight)
+    assert other.lm_head.weight.data_ptr() == other.model.embed_tokens.weight.data_ptr()
+
+
+def test_bad_checkpoints_give_one_line_errors_naming_the_path(tmp_path, trained):
+    model, optimizer, _ = trained
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'nope'} does not exist"):
+        load_checkpoint(tmp_path / "nope")
+
+    path = save(tmp_path, 1, model)
+    with pytest.raises(CheckpointError, match="has no optimizer state"):
+        load_checkpoint(path, optimizer=optimizer)
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.0\.mlp\.\w+\.weight has shape"):
+        load_model_weights_(make_model(intermediate=512), path)
+    with pytest.raises(CheckpointError, match="lacks 12 model tensor"):
+        load_model_weights_(make_model(layers=3), path)
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.\S+ has no counterpart"):
+        load_model_weights_(make_model(layers=1), path)
+
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=f"{path} is incomplete: no \\*.safetensors"):
+        load_model_weights_(model, path)
+    state_file = path / checkpoint.TRAINER_STATE
+    state_file.write_bytes(state_file.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{state_file} is corrupt") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+    state_file.unlink()
+    with pytest.raises(CheckpointError, match=f"{path} is incomplete: trainer_state.pt is missing"):
+        load_checkpoint(path)
