@@ -81,11 +81,6 @@ def _sources(vllm_name: str, trainer_params: dict[str, nn.Parameter]) -> list[st
     raise KeyError(f"no trainer parameter matches vLLM parameter {vllm_name!r}")
 
 
-def _set_param(root: nn.Module, name: str, value: nn.Parameter) -> None:
-    module, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(module) if module else root, leaf, value)
-
-
 def share_weights(llm, model: nn.Module) -> int:
     """Make `model` (transformers, same architecture and dtype) and vLLM use the same weight storage.
 
@@ -111,22 +106,24 @@ def share_weights(llm, model: nn.Module) -> int:
 
     freed = 0
     for vname, vparam, names, parts in plan:
-        if vparam.numel():  # a plain vLLM tensor (possibly with padded vocab rows): keep it, fill it
+        # A plain vLLM tensor (possibly with padded vocab rows) is kept and filled, so that anything that captured
+        # its address (CUDA graphs) stays valid; only tensors the CPU repack emptied are built anew.
+        if vparam.numel():
             storage = vparam.data
             torch.cat([p.data for p in parts], out=storage[: sum(p.shape[0] for p in parts)])
         else:  # emptied by the CPU repack: the fused tensor is built anew
             storage = torch.cat([p.data for p in parts])
         offset = 0
-        for name, part in zip(names, parts):
+        for part in parts:
             freed += part.numel() * part.element_size()
-            _set_param(model, name, nn.Parameter(storage[offset: offset + part.shape[0]], requires_grad=part.requires_grad))
+            # Swap the storage under the same Parameter object: an optimizer (or anything else) that already
+            # holds the trainer's parameters keeps updating exactly what vLLM computes with.
+            part.data = storage[offset: offset + part.shape[0]]
             offset += part.shape[0]
-        _set_param(vmodel, vname, nn.Parameter(storage, requires_grad=False))
+        vparam.data = storage
         layer = vmodel.get_submodule(vname.rpartition(".")[0])
         if hasattr(layer, "cpu_linear"):  # drop the packed oneDNN copy; compute from the shared weight
             layer.cpu_linear = torch.nn.functional.linear
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()  # lm_head must follow the embedding's new storage
     return freed
 
 

@@ -81,7 +81,10 @@ def test_reload_in_buckets(model_path):
 def test_zero_copy_keeps_one_copy(model_path):
     model = load(model_path)
     own_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # created before sharing, as a trainer may
     gen = VLLMGenerator(model_path, model, sync="zero_copy", dtype="float32", max_model_len=256)
+    # the Parameter objects survive sharing, so the optimizer still updates what vLLM computes with
+    assert all(a is b for a, b in zip(optimizer.param_groups[0]["params"], model.parameters()))
     engine = vllm_bridge.engine_model(gen.llm)
     storages = {}
     for p in list(model.parameters()) + list(engine.parameters()):

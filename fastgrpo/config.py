@@ -1,0 +1,152 @@
+"""Typed configuration: dataclasses are the schema, YAML files and command-line `key=value` only set values.
+
+    cfg = load_config(GRPOConfig, "configs/grpo_tiny.yaml", ["train.steps=20", "loss.beta=0.04"])
+
+OmegaConf merges structured defaults, the YAML and the overrides in struct mode, so an unknown or mistyped key
+fails at once with its full name; defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported in one line."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "???"  # a local Hugging Face folder, or a hub name where the hub is reachable
+    dtype: str = "float32"  # float32 | bfloat16 (training compute; CPU runs use float32)
+    trust_remote_code: bool = False  # off unless turned on: loading a model must not run its code
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:arithmetic"  # builtin:<task>, a .json/.jsonl/.parquet file, or a hub dataset name
+    split: str = "train"
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    max_prompt_length: int = 256
+    long_prompts: str = "skip"  # skip (and count) | error
+    num_examples: int = 2000  # size of a built-in task's training set
+    eval_examples: int = 100  # held-out examples of a built-in task
+    seed: int = 0
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = "vllm"  # vllm | hf
+    sync: str = "zero_copy"  # zero_copy | reload (vllm only)
+    num_generations: int = 8  # G
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_completion_length: int = 256
+    kv_cache_gib: float = 1.0  # CPU KV cache; CUDA uses gpu_memory_utilization
+    gpu_memory_utilization: float = 0.3
+
+
+@dataclass
+class LossConfig:
+    loss_type: str = "dapo"  # grpo | bnpo | dapo | dr_grpo
+    importance_level: str = "token"  # token | sequence (GSPO)
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    delta: float | None = None
+    beta: float = 0.0  # 0 loads no reference model
+    advantage_scale: str = "group"  # group | batch | none
+    tis_cap: float | None = None  # truncated importance sampling against the generator's log-probs
+    mask_truncated: bool = False  # completions cut at max_completion_length get no loss
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens (0: off)
+
+
+@dataclass
+class RewardConfig:
+    funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])  # built-in names or module:function
+    weights: list[float] = field(default_factory=lambda: [1.0, 0.5])
+    reward_model: str | None = None  # sequence-classification checkpoint for the "reward_model" function
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    prompts_per_step: int = 8  # B; B * G completions per step
+    micro_batch_tokens: int = 8192  # token budget of one packed micro-batch
+    num_iterations: int = 1  # mu: optimizer updates per rollout batch
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and refill the batch
+    max_refills: int = 3
+    max_bad_steps: int = 5  # consecutive non-finite steps before stopping (the last good checkpoint is kept)
+    seed: int = 0
+
+
+@dataclass
+class LogConfig:
+    run_dir: str = "runs/grpo"
+    save_every: int = 50
+    keep_last: int = 2
+    tensorboard: bool = True
+    wandb_project: str | None = None
+
+
+@dataclass
+class GRPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "data.long_prompts": ("skip", "error"),
+    "generation.backend": ("vllm", "hf"),
+    "generation.sync": ("zero_copy", "reload"),
+    "loss.loss_type": ("grpo", "bnpo", "dapo", "dr_grpo"),
+    "loss.importance_level": ("token", "sequence"),
+    "loss.advantage_scale": ("group", "batch", "none"),
+}
+
+
+def _check_choices(cfg) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+
+
+def load_config(schema: type, path: str | Path | None = None, overrides: list[str] = ()):
+    """Defaults from `schema`, then the YAML at `path`, then `key=value` overrides; returns a typed object."""
+    try:
+        cfg = OmegaConf.structured(schema)
+        OmegaConf.set_struct(cfg, True)
+        layers = [OmegaConf.load(path)] if path else []
+        cfg = OmegaConf.merge(cfg, *layers, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
+    except OmegaConfBaseException as err:
+        where = f" in {path}" if path else ""
+        key = getattr(err, "full_key", None)
+        message = str(err).splitlines()[0]
+        prefix = f"{key}: " if key and key not in message else ""
+        raise ConfigError(f"config error{where}: {prefix}{message}") from None
+    _check_choices(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,315 @@
+"""GRPO: the reasoning-RL (R1 stage 2) and helpfulness-RL (stage 4) trainer, driven by one config.
+
+    python -m fastgrpo.grpo configs/grpo_tiny.yaml [key=value ...]
+
+One step: B prompts -> G completions each from the in-process generator -> rewards -> group-normalized
+advantages -> packed micro-batches -> fused GRPO loss -> optimizer step -> the generator sees the new weights
+(shared storage: nothing to do; otherwise an in-place reload).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fastgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs, group_advantages
+from fastgrpo_kernels.grpo_loss import truncated_is_weights
+
+from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights_, save_checkpoint
+from .config import GRPOConfig, load_config, to_yaml
+from .data import PromptSampler, load_prompts
+from .generation import HFGenerator, SamplingConfig, VLLMGenerator
+from .metrics import MetricsLogger, Timer, peak_memory_mib
+from .packing import PackingStats, pack, packed_forward, plan_micro_batches
+from .rewards import OverlongPenalty, RewardModelReward, compute_rewards, resolve_reward, reward_name
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# ----------------------------------------------------------------------------------------------------------
+# Init
+
+
+def load_model(path, cfg: GRPOConfig, trainable: bool):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype],
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    if not trainable:
+        return model.eval().requires_grad_(False)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.train()
+
+
+def make_generator(cfg: GRPOConfig, model, tokenizer):
+    g = cfg.generation
+    if g.backend == "hf":
+        return HFGenerator(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return VLLMGenerator(cfg.model.path, model, sync=g.sync, dtype=cfg.model.dtype,
+                         max_model_len=cfg.data.max_prompt_length + g.max_completion_length,
+                         kv_cache_gib=g.kv_cache_gib, gpu_memory_utilization=g.gpu_memory_utilization,
+                         seed=cfg.train.seed)
+
+
+def make_rewards(cfg: GRPOConfig, reward_funcs=None):
+    """(functions, weights): those given by the caller, else the config's; plus DAPO's overlong penalty."""
+    if reward_funcs is None:
+        names, weights = cfg.rewards.funcs, list(cfg.rewards.weights)
+        if len(names) != len(weights):
+            raise ValueError(f"rewards.funcs has {len(names)} entries but rewards.weights has {len(weights)}")
+        reward_funcs = [RewardModelReward(cfg.rewards.reward_model) if name == "reward_model" else resolve_reward(name)
+                        for name in names]
+    else:
+        weights = [1.0] * len(reward_funcs)
+    if cfg.loss.overlong_buffer:
+        reward_funcs = [*reward_funcs, OverlongPenalty(cfg.generation.max_completion_length, cfg.loss.overlong_buffer)]
+        weights = [*weights, 1.0]
+    return reward_funcs, weights
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollout and rewards
+
+
+@dataclass
+class Rollout:
+    """One step's S = B*G sequences, group by group (the G completions of a prompt adjacent)."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    sampling_logp: list[list[float]]
+    truncated: torch.Tensor  # (S,) bool: stopped by max_completion_length
+    rewards: torch.Tensor  # (S,) weighted sum; NaN where no function applied
+    per_func: torch.Tensor  # (S, F)
+    refills: int = 0
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    # Special tokens such as <think> carry the format the rewards check, so only EOS / padding are dropped.
+    drop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return tokenizer.decode([t for t in ids if t not in drop], skip_special_tokens=False)
+
+
+def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: GRPOConfig, step: int) -> Rollout:
+    B, G = cfg.train.prompts_per_step, cfg.generation.num_generations
+    g = cfg.generation
+    parts, refills = [], 0
+    kept = 0
+    while kept < B:
+        batch = [sampler.next() for _ in range(B - kept)]
+        sampling = SamplingConfig(n=G, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                                  max_tokens=g.max_completion_length, seed=cfg.train.seed * 1_000_003 + step * 1009 + refills)
+        outputs = generator.generate([ids for ids, _ in batch], sampling)
+        prompts = [ex[cfg.data.prompt_column] for _, ex in batch for _ in range(G)]
+        completions = [c for group in outputs for c in group]
+        columns = {k: [ex[k] for _, ex in batch for _ in range(G)] for k in batch[0][1]}
+        columns.pop(cfg.data.prompt_column)
+        rewards, per_func = compute_rewards(reward_funcs, weights, prompts, [decode(tokenizer, c.token_ids) for c in completions],
+                                            [c.token_ids for c in completions], columns)
+        keep = torch.ones(len(batch), dtype=torch.bool)
+        if cfg.train.dynamic_sampling and refills < cfg.train.max_refills:
+            # DAPO dynamic sampling: a group whose rewards are all equal has zero advantage and teaches nothing
+            grouped = rewards.view(-1, G)
+            keep = (grouped.nan_to_num(-1e9).amax(1) > grouped.nan_to_num(1e9).amin(1))
+        keep = keep[: B - kept]
+        for i in keep.nonzero().squeeze(1).tolist():
+            rows = slice(i * G, (i + 1) * G)
+            parts.append(([batch[i][0]] * G, completions[rows], rewards[rows], per_func[rows]))
+        kept += int(keep.sum())
+        refills += 1
+    prompt_ids = [p for part in parts for p in part[0]]
+    comps = [c for part in parts for c in part[1]]
+    return Rollout(prompt_ids, [c.token_ids for c in comps], [c.logprobs for c in comps],
+                   torch.tensor([c.finish_reason == "length" for c in comps]),
+                   torch.cat([part[2] for part in parts]), torch.cat([part[3] for part in parts]), refills - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss over packed micro-batches
+
+
+def completion_rows(packed):
+    """Rows of a packed micro-batch whose target is a completion token, and their cu_seqlens (k+1,)."""
+    rows = packed.loss_mask.nonzero().squeeze(1)  # (n,)
+    counts = torch.bincount(torch.searchsorted(packed.cu_seqlens[1:], rows, right=True),
+                            minlength=len(packed.seq_indices))  # (k,) completion tokens per sequence
+    return rows, torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def score(model, sequences, prompt_lengths, plan, temperature, shape) -> torch.Tensor:
+    """Per-token log-probs of the completion tokens, (S, T) with [s, t] predicting token t+1; no gradient."""
+    out = torch.zeros(shape)
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        for indices in plan:
+            packed = pack(sequences, indices, prompt_lengths)
+            hidden = packed_forward(model.base_model, packed).last_hidden_state[0]  # (N, H)
+            rows, _ = completion_rows(packed)
+            logp = torch.zeros(hidden.shape[0])
+            logp[rows] = fused_linear_logprobs(hidden[rows], head, packed.targets[rows], temperature)
+            packed.scatter_into(out, logp)
+    return out
+
+
+def optimize(model, ref_model, optimizer, scheduler, rollout: Rollout, advantages, cfg: GRPOConfig) -> dict:
+    """num_iterations optimizer updates on one rollout; returns the step's loss metrics."""
+    L, T = cfg.loss, cfg.generation.temperature
+    sequences = [p + c for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
+    prompt_lengths = [len(p) for p in rollout.prompt_ids]
+    lengths = [len(s) for s in sequences]
+    S, width = len(sequences), max(lengths)
+    plan = plan_micro_batches(lengths, cfg.train.micro_batch_tokens)[0]
+    keep_seq = ~rollout.truncated if L.mask_truncated else torch.ones(S, dtype=torch.bool)
+    num_items = float(sum(len(c) for c, k in zip(rollout.completion_ids, keep_seq) if k))
+    loss_config = GRPOLossConfig(loss_type=L.loss_type, importance_level=L.importance_level, eps_low=L.eps_low,
+                                 eps_high=L.eps_high, delta=L.delta, beta=L.beta, temperature=T,
+                                 max_completion_length=cfg.generation.max_completion_length, compute_entropy=True)
+    needs_old = cfg.train.num_iterations > 1 or L.tis_cap is not None
+    old_logp = score(model, sequences, prompt_lengths, plan, T, (S, width)) if needs_old else None
+    ref_logp = score(ref_model, sequences, prompt_lengths, plan, T, (S, width)) if L.beta else None
+    is_weights = None
+    if L.tis_cap is not None:
+        rollout_logp = torch.zeros(S, width)
+        for s, (p, lp) in enumerate(zip(prompt_lengths, rollout.sampling_logp)):
+            rollout_logp[s, p - 1: p - 1 + len(lp)] = torch.tensor(lp)
+        is_weights = truncated_is_weights(old_logp, rollout_logp, cap=L.tis_cap)
+    head = model.get_output_embeddings()
+    totals, tokens, bad = {}, 0.0, 0
+    for _ in range(cfg.train.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        for indices in plan:
+            packed = pack(sequences, indices, prompt_lengths)
+            hidden = packed_forward(model.base_model, packed).last_hidden_state[0]  # (N, H)
+            rows, cu_seqlens = completion_rows(packed)
+            pick = lambda per_seq: None if per_seq is None else packed.gather(per_seq)[rows]  # noqa: E731
+            loss, metrics = fused_linear_grpo_loss(
+                hidden[rows], head.weight, packed.targets[rows], advantages[packed.seq_indices],
+                keep_seq[packed.seq_of_token[rows]].float(), pick(old_logp), pick(ref_logp), loss_config,
+                is_weights=pick(is_weights), cu_seqlens=cu_seqlens, num_items=num_items)
+            if L.loss_type in ("grpo", "dr_grpo"):
+                # these normalize by the number of sequences: a micro-batch holds k of the step's S
+                loss = loss * (len(indices) / S)
+            loss.backward()
+            n = float(metrics["tokens"])
+            for k, v in metrics.items():
+                if k != "tokens":
+                    totals[k] = totals.get(k, 0.0) + float(v) * n
+            tokens += n
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)  # skip: the weights (and the generator's) stay as they were
+            bad += 1
+            continue
+        optimizer.step()
+        scheduler.step()
+    stats = PackingStats.from_plan(lengths, [plan]).as_dict()
+    return {**{f"loss/{k}": v / max(tokens, 1.0) for k, v in totals.items()}, "grad_norm": float(grad_norm),
+            "bad_updates": bad, **stats}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def rollout_metrics(rollout: Rollout, advantages, reward_names, G: int) -> dict:
+    lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+    grouped = rollout.rewards.view(-1, G)
+    metrics = {
+        "reward/mean": float(rollout.rewards.nanmean()),
+        "reward/std": float(rollout.rewards[~rollout.rewards.isnan()].std()) if lengths.numel() > 1 else 0.0,
+        "reward/zero_std_groups": float((grouped.nan_to_num(0).amax(1) == grouped.nan_to_num(0).amin(1)).float().mean()),
+        "advantage/abs_mean": float(advantages.abs().mean()),
+        "completion/length_mean": float(lengths.mean()),
+        "completion/length_max": float(lengths.max()),
+        "completion/truncated": float(rollout.truncated.float().mean()),
+        "rollout/refills": rollout.refills,
+    }
+    for i, name in enumerate(reward_names):
+        metrics[f"reward/{name}"] = float(rollout.per_func[:, i].nanmean())
+    return metrics
+
+
+def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
+    """Run (or resume) the GRPO stage described by cfg; returns the per-step metrics."""
+    from transformers import AutoTokenizer
+
+    run_dir = Path(cfg.log.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(cfg.model.path, cfg, trainable=True)
+    ref_model = load_model(cfg.model.path, cfg, trainable=False) if cfg.loss.beta else None
+    funcs, weights = make_rewards(cfg, reward_funcs)
+    reward_names = [reward_name(f) for f in funcs]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    warmup = max(cfg.train.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    sampler = PromptSampler(load_prompts(cfg.data), tokenizer, cfg.data)
+
+    start, bad_steps, history = 0, 0, []
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        load_model_weights_(model, checkpoint)
+        state = load_checkpoint(checkpoint, optimizer=optimizer, scheduler=scheduler)
+        start, bad_steps, history = state["step"], state["bad_steps"], state["history"]
+        sampler.load_state(state["sampler"])
+    generator = make_generator(cfg, model, tokenizer)
+    generator.sync_weights()  # a resumed model differs from the files vLLM loaded (a no-op when shared)
+    logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project)
+    B, G = cfg.train.prompts_per_step, cfg.generation.num_generations
+
+    for step in tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="grpo", disable=None):
+        timer = Timer()
+        with timer("generation"):
+            generator.wake()
+            rollout = collect_rollout(generator, sampler, tokenizer, funcs, weights, cfg, step)
+            generator.sleep()
+        advantages = group_advantages(rollout.rewards, G, cfg.loss.advantage_scale)
+        with timer("training"):
+            loss_metrics = optimize(model, ref_model, optimizer, scheduler, rollout, advantages, cfg)
+        with timer("weight_sync"):
+            generator.sync_weights()
+        bad_steps = bad_steps + 1 if loss_metrics["bad_updates"] == cfg.train.num_iterations else 0
+        completion_tokens = sum(len(c) for c in rollout.completion_ids)
+        metrics = {**rollout_metrics(rollout, advantages, reward_names, G), **loss_metrics, **timer.as_dict(),
+                   "tokens_per_s": completion_tokens / max(sum(timer.as_dict().values()), 1e-9),
+                   "peak_memory_mib": peak_memory_mib(), "data/skipped_long_prompts": sampler.skipped_long,
+                   "lr": scheduler.get_last_lr()[0]}
+        logger.log(step, metrics)
+        history.append({"step": step, **metrics})
+        last = step + 1 == cfg.train.steps
+        if last or (step + 1) % cfg.log.save_every == 0 or bad_steps:
+            if not bad_steps:  # never overwrite the last good checkpoint with a state that went non-finite
+                save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, scheduler,
+                                state={"step": step + 1, "bad_steps": 0, "history": history,
+                                       "sampler": sampler.state()}, keep_last=cfg.log.keep_last)
+        if bad_steps >= cfg.train.max_bad_steps:
+            logger.close()
+            raise RuntimeError(f"stopping: {bad_steps} consecutive steps with non-finite gradients; the last good "
+                               f"checkpoint is {latest_checkpoint(run_dir)}")
+    logger.close()
+    return history
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    cfg = load_config(GRPOConfig, argv[0], argv[1:])
+    t0 = time.time()
+    history = train(cfg)
+    if history:
+        last = history[-1]
+        print(f"done in {time.time() - t0:.0f} s: reward {last['reward/mean']:.3f}, "
+              f"completion length {last['completion/length_mean']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
