@@ -49,7 +49,8 @@ class GenerationConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_completion_length: int = 256
-    kv_cache_gib: float = 1.0  # CPU KV cache; CUDA uses gpu_memory_utilization
+    kv_cache_gib: float = 0.25  # CPU KV cache; CUDA uses gpu_memory_utilization
+    ignore_eos: bool = False  # every completion runs to max_completion_length (benchmarks)
     gpu_memory_utilization: float = 0.3
 
 

@@ -27,6 +27,7 @@ class SamplingConfig:
     max_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's EOS
     seed: int | None = None  # prompt i of a call samples with seed + i
+    ignore_eos: bool = False  # never stop early: every completion gets max_tokens (benchmarks)
 
     def __post_init__(self):
         if self.n < 1 or self.max_tokens < 1:
@@ -85,6 +86,7 @@ class VLLMGenerator:
             SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                            top_k=sampling.top_k or -1, max_tokens=sampling.max_tokens,
                            stop_token_ids=list(sampling.stop_token_ids), logprobs=0,
+                           min_tokens=sampling.max_tokens if sampling.ignore_eos else 0,
                            seed=None if sampling.seed is None else sampling.seed + i)
             for i in range(len(prompts))
         ]
@@ -130,6 +132,7 @@ class HFGenerator:
             temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
             top_k=None if greedy else sampling.top_k, max_new_tokens=sampling.max_tokens,
             num_return_sequences=sampling.n, eos_token_id=stops, pad_token_id=self.pad_token_id,
+            min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None,
             output_scores=True, return_dict_in_generate=True,
         )
         new = out.sequences[:, width:].cpu()  # (B*n, steps)

@@ -103,7 +103,7 @@ def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: G
     while kept < B:
         batch = [sampler.next() for _ in range(B - kept)]
         sampling = SamplingConfig(n=G, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                  max_tokens=g.max_completion_length, seed=cfg.train.seed * 1_000_003 + step * 1009 + refills)
+                                  max_tokens=g.max_completion_length, ignore_eos=g.ignore_eos, seed=cfg.train.seed * 1_000_003 + step * 1009 + refills)
         outputs = generator.generate([ids for ids, _ in batch], sampling)
         prompts = [ex[cfg.data.prompt_column] for _, ex in batch for _ in range(G)]
         completions = [c for group in outputs for c in group]

@@ -52,7 +52,6 @@ def create_llm(model_path: str, *, dtype: str = "auto", seed: int = 0, max_model
     """
     check_version()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: weights can be shared
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
     # vLLM drops torch to one thread "for serving" unless OMP_NUM_THREADS is set; the trainer in this same
     # process needs all of them.
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
@@ -62,6 +61,10 @@ def create_llm(model_path: str, *, dtype: str = "auto", seed: int = 0, max_model
                   enforce_eager=enforce_eager, logprobs_mode="processed_logprobs")
     if torch.cuda.is_available():
         kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode)
+    else:
+        # Sized from the batch, not from free memory (VLLM_CPU_KVCACHE_SPACE, whole GiB, would override this)
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        kwargs.update(kv_cache_memory_bytes=int(kv_cache_gib * 2**30))
     return LLM(**kwargs)
 
 

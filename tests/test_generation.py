@@ -113,6 +113,8 @@ def test_sampling_options(setup):
     tokens = lambda out: [c.token_ids for cs in out for c in cs]  # noqa: E731
     assert tokens(again) == tokens(many) and tokens(other) != tokens(many)
     assert len({tuple(c.token_ids) for c in many[0]}) > 1  # n samples differ from each other
+    full = gen.generate(PROMPTS, SamplingConfig(n=4, temperature=1.0, max_tokens=24, seed=5, ignore_eos=True))
+    assert all(len(c.token_ids) == 24 and c.finish_reason == "length" for cs in full for c in cs)
     stops = tuple(range(8, model.config.vocab_size))  # nearly every token stops: each completion ends on its first stop token
     stopped = gen.generate(PROMPTS, SamplingConfig(n=2, temperature=1.0, max_tokens=20, stop_token_ids=stops, seed=0))
     for c in (c for cs in stopped for c in cs):
@@ -126,6 +128,8 @@ def test_hf_backend_agrees_with_vllm(setup):
     sampled = hf.generate(PROMPTS, SamplingConfig(n=2, temperature=TEMPERATURE, max_tokens=10, seed=0))
     assert [len(c) for c in sampled] == [2, 2, 2]
     assert max_logprob_error(model, PROMPTS, sampled, TEMPERATURE) < 1e-4
+    full = hf.generate(PROMPTS, SamplingConfig(n=2, temperature=1.0, max_tokens=24, seed=5, ignore_eos=True))
+    assert all(len(c.token_ids) == 24 and c.finish_reason == "length" for cs in full for c in cs)
     greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=10)
     from_vllm, from_hf = gen.generate(PROMPTS, greedy), hf.generate(PROMPTS, greedy)
     assert [c[0].token_ids for c in from_vllm] == [c[0].token_ids for c in from_hf]

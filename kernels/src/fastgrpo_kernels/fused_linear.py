@@ -267,7 +267,7 @@ def fused_linear_grpo_loss(
 
     hidden [B, T, H] (padded) or [N, H] with cu_seqlens [B + 1] (packed); weight [V, H] (requires_grad=False for a
     frozen head skips dW); the other arguments as in `fastgrpo_kernels.grpo_loss`. Peak extra memory is one logits
-    chunk of at most chunk_bytes (default 64 MiB on CPU, 1 GiB on CUDA) plus O(N) vectors. Returns (loss, metrics).
+    chunk of at most chunk_bytes (default 128 MiB on CPU, 1 GiB on CUDA) plus O(N) vectors. Returns (loss, metrics).
     """
     flat_h, flat_ids = _flatten_inputs(hidden, weight, ids)
     batch = make_token_batch(ids, advantages, mask, old_logp, ref_logp, is_weights, config, cu_seqlens, num_items)

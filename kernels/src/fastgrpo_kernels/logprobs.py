@@ -136,31 +136,35 @@ def _torch_forward(logits, ids, inv_temperature, with_entropy, chunk_bytes):
     logp = torch.empty(N, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
-    step = rows_per_chunk(N, V * 4 * 3, chunk_bytes, logits.device)
+    step = rows_per_chunk(N, V * 4 * 2, chunk_bytes, logits.device)
     for start in range(0, N, step):
         rows = slice(start, start + step)
         z = _scaled_chunk(logits[rows], inv_temperature)  # (c, V), fp32
-        lse[rows] = torch.logsumexp(z, dim=-1)
-        logp[rows] = z.gather(1, ids[rows, None]).squeeze(1) - lse[rows]
+        logprobs = torch.log_softmax(z, dim=-1)  # (c, V): torch's fused kernel, one buffer
+        logp[rows] = logprobs.gather(1, ids[rows, None]).squeeze(1)
+        # lse from each row's largest logit, whose log-prob is finite even where other entries are -inf
+        lse[rows] = z.amax(1) - logprobs.amax(1)
         if with_entropy:
-            logprobs = z - lse[rows, None]
-            entropy[rows] = -(logprobs.exp() * logprobs.nan_to_num(neginf=0.0)).sum(-1)
+            entropy[rows] = torch.special.entr(logprobs.exp_()).sum(-1)
     return logp, lse, entropy
 
 
 def _torch_backward(logits, dlogits, ids, lse, entropy, dlogp, dentropy, inv_temperature, chunk_bytes):
     N, V = logits.shape
-    step = rows_per_chunk(N, V * 4 * 3, chunk_bytes, logits.device)
+    step = rows_per_chunk(N, V * 4 * 2, chunk_bytes, logits.device)
     for start in range(0, N, step):
         rows = slice(start, start + step)
-        z = _scaled_chunk(logits[rows], inv_temperature)
-        p = torch.exp(z - lse[rows, None])  # (c, V)
+        p = torch.softmax(_scaled_chunk(logits[rows], inv_temperature), dim=-1)  # (c, V): fused, one buffer
         g = dlogp[rows, None] * inv_temperature
-        dz = p * -g
-        if entropy is not None:
-            dz -= (dentropy[rows, None] * inv_temperature) * torch.where(p > 0, p * (z - lse[rows, None] + entropy[rows, None]), 0.0)
-        dz.scatter_add_(1, ids[rows, None], g)
-        dlogits[rows] = dz  # casts to the logits dtype; may overwrite logits[rows], already consumed
+        if entropy is None:
+            p.mul_(-g)  # d logp / dz = onehot - p
+        else:
+            # d entropy / dz = -p (log p + entropy) = -(xlogy(p, p) + p * entropy)
+            g_entropy = dentropy[rows, None] * inv_temperature
+            plogp = torch.special.xlogy(p, p)
+            p.mul_(-g - g_entropy * entropy[rows, None]).sub_(plogp.mul_(g_entropy))
+        p.scatter_add_(1, ids[rows, None], g)
+        dlogits[rows] = p  # casts to the logits dtype; may overwrite logits[rows], already consumed
     return dlogits
 
 
