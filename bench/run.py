@@ -46,7 +46,7 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per case before it is recorded as failed")
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "REPORT.md")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "LOSS.md")
     args = p.parse_args()
     unknown = set(args.impls.split(",")) - set(bench_loss.IMPLS)
     if unknown:

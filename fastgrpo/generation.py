@@ -141,10 +141,14 @@ class HFGenerator:
             min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None,
             output_scores=True, return_dict_in_generate=True,
         )
-        new = out.sequences[:, width:].cpu()  # (B*n, steps)
-        # scores are the processed logits each token was sampled from (temperature, top-k/p applied)
-        logprobs = torch.stack(out.scores, 1).float().log_softmax(-1).cpu()  # (B*n, steps, V)
-        token_logprobs = logprobs.gather(-1, new[..., None]).squeeze(-1)
+        new = out.sequences[:, width:]  # (B*n, steps)
+        # scores are the processed logits each token was sampled from (temperature, top-k/p applied); one step at
+        # a time, so no (B*n, steps, V) tensor is ever stacked
+        token_logprobs = torch.stack([
+            (s.float().gather(-1, new[:, t, None]).squeeze(-1) - s.float().logsumexp(-1))
+            for t, s in enumerate(out.scores)
+        ], 1).cpu()  # (B*n, steps)
+        new = new.cpu()
         is_stop = torch.isin(new, torch.tensor(stops))
         results = [[] for _ in prompts]
         for row in range(new.shape[0]):

@@ -98,25 +98,25 @@ def decode(tokenizer, ids: list[int]) -> str:
 def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: GRPOConfig, step: int) -> Rollout:
     B, G = cfg.train.prompts_per_step, cfg.generation.num_generations
     g = cfg.generation
-    parts, refills = [], 0
-    kept = 0
+    parts, refills, kept = [], 0, 0
     while kept < B:
         batch = [sampler.next() for _ in range(B - kept)]
+        seed = cfg.train.seed * 1_000_003 + step * 1009 + refills  # a resumed run samples what the original did
         sampling = SamplingConfig(n=G, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                  max_tokens=g.max_completion_length, ignore_eos=g.ignore_eos, seed=cfg.train.seed * 1_000_003 + step * 1009 + refills)
+                                  max_tokens=g.max_completion_length, ignore_eos=g.ignore_eos, seed=seed)
         outputs = generator.generate([ids for ids, _ in batch], sampling)
         prompts = [ex[cfg.data.prompt_column] for _, ex in batch for _ in range(G)]
         completions = [c for group in outputs for c in group]
         columns = {k: [ex[k] for _, ex in batch for _ in range(G)] for k in batch[0][1]}
         columns.pop(cfg.data.prompt_column)
-        rewards, per_func = compute_rewards(reward_funcs, weights, prompts, [decode(tokenizer, c.token_ids) for c in completions],
-                                            [c.token_ids for c in completions], columns)
+        texts = [decode(tokenizer, c.token_ids) for c in completions]
+        rewards, per_func = compute_rewards(reward_funcs, weights, prompts, texts, [c.token_ids for c in completions],
+                                            columns)
         keep = torch.ones(len(batch), dtype=torch.bool)
         if cfg.train.dynamic_sampling and refills < cfg.train.max_refills:
             # DAPO dynamic sampling: a group whose rewards are all equal has zero advantage and teaches nothing
             grouped = rewards.view(-1, G)
-            keep = (grouped.nan_to_num(-1e9).amax(1) > grouped.nan_to_num(1e9).amin(1))
-        keep = keep[: B - kept]
+            keep = grouped.nan_to_num(-1e9).amax(1) > grouped.nan_to_num(1e9).amin(1)
         for i in keep.nonzero().squeeze(1).tolist():
             rows = slice(i * G, (i + 1) * G)
             parts.append(([batch[i][0]] * G, completions[rows], rewards[rows], per_func[rows]))
@@ -224,6 +224,7 @@ def rollout_metrics(rollout: Rollout, advantages, reward_names, G: int) -> dict:
         "reward/std": float(rollout.rewards[~rollout.rewards.isnan()].std()) if lengths.numel() > 1 else 0.0,
         "reward/zero_std_groups": float((grouped.nan_to_num(0).amax(1) == grouped.nan_to_num(0).amin(1)).float().mean()),
         "advantage/abs_mean": float(advantages.abs().mean()),
+        "advantage/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
         "completion/length_mean": float(lengths.mean()),
         "completion/length_max": float(lengths.max()),
         "completion/truncated": float(rollout.truncated.float().mean()),

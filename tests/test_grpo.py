@@ -85,6 +85,17 @@ def test_resume_reproduces_uninterrupted_run(model_path, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
 
 
+def test_prompts_from_a_local_jsonl_file(model_path, tmp_path):
+    import json
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"question": f"{i}+{i}=", "solution": str(2 * i)}) + "\n" for i in range(6)))
+    cfg = make_cfg(model_path, tmp_path / "run", f"data.source={path}", "data.prompt_column=question",
+                   "data.answer_column=solution")
+    (step,) = train(cfg, reward_funcs=[sevens])
+    assert step["completion/length_mean"] > 0 and math.isfinite(step["reward/mean"])
+
+
 def test_bad_input(model_path, tmp_path):
     with pytest.raises(ConfigError, match="loss.bta"):
         load_config(GRPOConfig, None, [f"model.path={model_path}", "loss.bta=1"])
