@@ -264,7 +264,8 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
         start, bad_steps, history = state["step"], state["bad_steps"], state["history"]
         sampler.load_state(state["sampler"])
     generator = make_generator(cfg, model, tokenizer)
-    generator.sync_weights()  # a resumed model differs from the files vLLM loaded (a no-op when shared)
+    if checkpoint is not None:
+        generator.sync_weights()  # a resumed model differs from the files vLLM loaded (a no-op when shared)
     logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project)
     B, G = cfg.train.prompts_per_step, cfg.generation.num_generations
 

@@ -1,0 +1,113 @@
+"""Data-parallel training with FSDP2: process group, sharding, global sums, and gathering full weights.
+
+The building blocks; tests/test_distributed.py runs a GRPO step with them on 1 and 2 ranks (torchrun, gloo) and
+gets the same loss and weights. The trainer (fastgrpo/grpo.py) is not wired to several ranks yet (issue 7).
+
+Every rank holds a shard of each parameter (`fully_shard` per decoder layer, then the root for embeddings, final
+norm and LM head) and trains on its own share of the step's sequences (`plan_micro_batches(..., num_ranks)[rank]`).
+Losses are normalized by *global* counts (completion tokens, sequences) summed over ranks with `all_reduce_sum`,
+and gradients are *summed* over ranks (not averaged, FSDP's default): each rank's loss is its share of the global
+loss, so the sum of the ranks' gradients is the gradient of the global loss, whatever the number of ranks.
+
+A single process (no torchrun) needs nothing: `init_distributed` and `shard_model` are no-ops, `all_reduce_sum`
+returns its input and `full_state_dict` yields the plain tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+
+def init_distributed() -> torch.device:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); returns this rank's device.
+
+    nccl on CUDA (one GPU per rank, LOCAL_RANK), gloo on CPU. Without torchrun's environment: a no-op.
+    """
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return device
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) in a single process."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Apply FSDP2 to a transformers *ForCausalLM in place: each decoder layer, then the root. Returns the model.
+
+    On CUDA the forward and backward run in bf16 with fp32 master weights and fp32 gradient reduction; on CPU
+    everything stays in the parameters' dtype. A no-op without a process group.
+
+    The root (embeddings, final norm, LM head) keeps its parameters gathered from its forward to the end of the
+    backward, so `model.get_output_embeddings().weight` is the full head while the fused loss uses it, provided
+    the hidden states come from the root's forward (`packed_hidden_states`), not from `model.base_model`.
+    """
+    if not dist.is_initialized():
+        return model
+    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                 if torch.cuda.is_available() else MixedPrecisionPolicy())
+    for layer in model.base_model.layers:
+        fully_shard(layer, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy)
+    # FSDP averages gradients over ranks (reduce-scatter with AVG). Our per-rank losses are already shares of the
+    # global loss (normalized by global token / sequence counts), so the ranks' gradients must be summed instead.
+    # Divide factor 1 says so, rather than multiplying every loss by world size; force_sum makes it a plain SUM
+    # reduce-scatter (otherwise a factor is applied as PREMUL_SUM, which NCCL has and gloo does not). The setters
+    # act on one FSDP module's own parameter group, hence the loop.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def packed_hidden_states(model: torch.nn.Module, packed) -> torch.Tensor:
+    """Final (normed) hidden states (N, H) of a packed micro-batch, through the root module's forward.
+
+    Under FSDP2 the root's forward is what gathers the embeddings, final norm and LM head (calling
+    `model.base_model` directly would see shards); an empty `logits_to_keep` makes the LM head compute no logits,
+    since the fused loss computes them chunk by chunk from these hidden states.
+    """
+    from .packing import packed_forward
+
+    out = packed_forward(model, packed, output_hidden_states=True,
+                         logits_to_keep=torch.empty(0, dtype=torch.long, device=packed.input_ids.device))
+    return out.hidden_states[-1][0]  # (N, H)
+
+
+def all_reduce_sum(x: float | torch.Tensor) -> float | torch.Tensor:
+    """Sum over ranks: a float comes back as a float (summed in fp64), a tensor as a new summed tensor."""
+    if not dist.is_initialized():
+        return x
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if isinstance(x, torch.Tensor):
+        out = x.detach().to(device, copy=True)
+        dist.all_reduce(out)
+        return out.to(x.device)
+    out = torch.tensor(float(x), dtype=torch.float64, device=device)
+    dist.all_reduce(out)
+    return float(out)
+
+
+def full_state_dict(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every state-dict entry, gathered one at a time (peak: one full tensor extra).
+
+    Every rank must iterate to the end (each gather is a collective); all ranks get the full tensors. For an
+    in-place vLLM reload, pass buckets of these to `reload_weights`; for a checkpoint, rank 0 writes them.
+    """
+    for name, tensor in model.state_dict().items():
+        yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
