@@ -1,0 +1,163 @@
+"""Supervised fine-tuning on prompt -> completion pairs: R1's cold start (stage 1) and its stage-3 SFT.
+
+    python -m fastgrpo.sft configs/sft_tiny.yaml [key=value ...]
+
+Loss on completion tokens only, over packed micro-batches, with the fused-linear cross-entropy (the [N, V]
+logits are never materialized). A step is `sequences_per_step` examples; its micro-batches' losses are summed
+and divided by the step's completion-token count, so the gradient does not depend on how they were packed.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fastgrpo_kernels import fused_linear_cross_entropy
+
+from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights_, save_checkpoint
+from .config import LogConfig, ModelConfig, load_config, to_yaml
+from .data import builtin_dataset, encode_prompt
+from .metrics import MetricsLogger, Timer, peak_memory_mib
+from .packing import PackingStats, pack, packed_forward, plan_micro_batches
+
+
+@dataclass
+class SFTDataConfig:
+    source: str = "builtin:arithmetic"  # builtin:<task> (completions from its chain of thought) or a .jsonl file
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    num_examples: int = 2000
+    max_length: int = 512  # prompt + completion tokens; longer examples are skipped and counted
+    seed: int = 0
+
+
+@dataclass
+class SFTTrainConfig:
+    steps: int = 100
+    sequences_per_step: int = 32
+    micro_batch_tokens: int = 8192
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/sft"))
+
+
+def cot_completion(example: dict, eos: str) -> str:
+    """The R1 cold-start format: reasoning in <think> tags, then the answer."""
+    return f"<think>{example['cot']}</think>Answer: {example['answer']}{eos}"
+
+
+def load_examples(cfg: SFTDataConfig, tokenizer) -> tuple[list[list[int]], list[int], int]:
+    """(token ids of prompt + completion, prompt lengths, examples skipped as too long)."""
+    from datasets import load_dataset
+
+    if cfg.source.startswith("builtin:"):
+        ds = builtin_dataset(cfg.source.removeprefix("builtin:"), cfg.num_examples, cfg.seed)
+        pairs = [(ex["prompt"], cot_completion(ex, tokenizer.eos_token)) for ex in ds]
+    else:
+        ds = load_dataset("json", data_files=cfg.source, split="train")
+        for column in (cfg.prompt_column, cfg.completion_column):
+            if column not in ds.column_names:
+                raise ValueError(f"dataset {cfg.source!r} has no column {column!r} (columns: {', '.join(ds.column_names)})")
+        pairs = list(zip(ds[cfg.prompt_column], ds[cfg.completion_column]))
+    sequences, prompt_lengths, skipped = [], [], 0
+    for prompt, completion in pairs:
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        ids = prompt_ids + tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if len(ids) > cfg.max_length:
+            skipped += 1
+            continue
+        sequences.append(ids)
+        prompt_lengths.append(len(prompt_ids))
+    if not sequences:
+        raise ValueError(f"no example of {cfg.source!r} fits data.max_length={cfg.max_length}")
+    return sequences, prompt_lengths, skipped
+
+
+def sft_step(model, optimizer, sequences, prompt_lengths, indices, cfg: SFTConfig) -> dict:
+    """One optimizer step on the examples `indices`; returns its metrics."""
+    lengths = [len(sequences[i]) for i in indices]
+    local_plan = plan_micro_batches(lengths, cfg.train.micro_batch_tokens)[0]  # positions in `indices`
+    plan = [[indices[j] for j in mb] for mb in local_plan]
+    total = sum(len(sequences[i]) - prompt_lengths[i] for i in indices)  # completion tokens of the step
+    head = model.get_output_embeddings().weight
+    loss_sum = 0.0
+    optimizer.zero_grad(set_to_none=True)
+    for micro in plan:
+        packed = pack(sequences, micro, prompt_lengths)
+        hidden = packed_forward(model.base_model, packed).last_hidden_state[0]  # (N, H)
+        rows = packed.loss_mask.nonzero().squeeze(1)  # completion targets only
+        loss = fused_linear_cross_entropy(hidden[rows], head, packed.targets[rows], reduction="sum") / total
+        loss.backward()
+        loss_sum += float(loss)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    stats = PackingStats.from_plan(lengths, [local_plan]).as_dict()
+    return {"loss": loss_sum, "grad_norm": float(grad_norm), "tokens": total,
+            "skipped_update": float(not torch.isfinite(grad_norm)), **stats}
+
+
+def train(cfg: SFTConfig) -> list[dict]:
+    """Run (or resume) SFT; returns the per-step metrics. The final model is the run's latest checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = Path(cfg.log.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
+                                                 trust_remote_code=cfg.model.trust_remote_code).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  fused=True)
+    sequences, prompt_lengths, skipped = load_examples(cfg.data, tokenizer)
+    start, history = 0, []
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        load_model_weights_(model, checkpoint)
+        state = load_checkpoint(checkpoint, optimizer=optimizer)
+        start, history = state["step"], state["history"]
+    logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project)
+    B = cfg.train.sequences_per_step
+    for step in tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="sft", disable=None):
+        # the examples of step k are a function of (seed, k) alone, so a resumed run sees what the original would
+        g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
+        indices = torch.randint(len(sequences), (B,), generator=g).tolist()
+        timer = Timer()
+        with timer("training"):
+            metrics = sft_step(model, optimizer, sequences, prompt_lengths, indices, cfg)
+        metrics.update(timer.as_dict(), peak_memory_mib=peak_memory_mib(), skipped_long_examples=skipped)
+        logger.log(step, metrics)
+        history.append({"step": step, **metrics})
+        if step + 1 == cfg.train.steps or (step + 1) % cfg.log.save_every == 0:
+            save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer,
+                            state={"step": step + 1, "history": history}, keep_last=cfg.log.keep_last)
+    logger.close()
+    return history
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    history = train(load_config(SFTConfig, argv[0], argv[1:]))
+    if history:
+        print(f"done: loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
