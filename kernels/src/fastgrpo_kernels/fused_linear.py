@@ -38,12 +38,12 @@ def _chunk_grad_(z, ids, temperature, token_grad, with_entropy, backend):
     m = z.amax(dim=1)  # read c*V
     z_target = z.gather(1, ids[:, None]).squeeze(1)
     z.sub_(m[:, None])  # read+write c*V; z is now z - max
-    entropy_part = torch.nan_to_num(z.exp() * z, nan=0.0).sum(1) if with_entropy else None  # -inf * 0 -> 0
-    z.exp_()  # read+write c*V
+    z.exp_()  # read+write c*V; z is now e = exp(z - max)
     s = z.sum(dim=1)  # read c*V
     log_s = torch.log(s)
     logp = z_target - m - log_s
-    entropy = log_s - entropy_part / s if with_entropy else None
+    # entropy = log s - sum e (z - max) / s, and e (z - max) = xlogy(e, e) exactly (0 where e = 0): one temporary
+    entropy = log_s - torch.special.xlogy(z, z).sum(1) / s if with_entropy else None
     g = token_grad(logp) * inv_t
     z.mul_((-g / s)[:, None])  # read+write c*V: dz = -g p
     z.scatter_add_(1, ids[:, None], g[:, None])  # + g at the target
