@@ -25,7 +25,7 @@ from .config import GRPOConfig, load_config, to_yaml
 from .data import PromptSampler, load_prompts
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .metrics import MetricsLogger, Timer, peak_memory_mib
-from .packing import PackingStats, pack, packed_forward, plan_micro_batches
+from .packing import PackingStats, completion_rows, pack, packed_forward, plan_micro_batches
 from .rewards import OverlongPenalty, RewardModelReward, compute_rewards, resolve_reward, reward_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,6 +76,12 @@ def make_rewards(cfg: GRPOConfig, reward_funcs=None):
 # Rollout and rewards
 
 
+def constant_groups(rewards: torch.Tensor, G: int) -> torch.Tensor:
+    """(B,) True where a group's valid rewards are all equal (or all NaN): zero advantage, nothing to learn."""
+    grouped = rewards.view(-1, G)
+    return ~(grouped.nan_to_num(-float("inf")).amax(1) > grouped.nan_to_num(float("inf")).amin(1))
+
+
 @dataclass
 class Rollout:
     """One step's S = B*G sequences, group by group (the G completions of a prompt adjacent)."""
@@ -114,9 +120,7 @@ def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: G
                                             columns)
         keep = torch.ones(len(batch), dtype=torch.bool)
         if cfg.train.dynamic_sampling and refills < cfg.train.max_refills:
-            # DAPO dynamic sampling: a group whose rewards are all equal has zero advantage and teaches nothing
-            grouped = rewards.view(-1, G)
-            keep = grouped.nan_to_num(-1e9).amax(1) > grouped.nan_to_num(1e9).amin(1)
+            keep = ~constant_groups(rewards, G)  # DAPO dynamic sampling: refill groups that teach nothing
         for i in keep.nonzero().squeeze(1).tolist():
             rows = slice(i * G, (i + 1) * G)
             parts.append(([batch[i][0]] * G, completions[rows], rewards[rows], per_func[rows]))
@@ -133,23 +137,13 @@ def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: G
 # Loss over packed micro-batches
 
 
-def completion_rows(packed):
-    """Rows of a packed micro-batch whose target is a completion token, and their cu_seqlens (k+1,)."""
-    rows = packed.loss_mask.nonzero().squeeze(1)  # (n,)
-    counts = torch.bincount(torch.searchsorted(packed.cu_seqlens[1:], rows, right=True),
-                            minlength=len(packed.seq_indices))  # (k,) completion tokens per sequence
-    return rows, torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-
-
-def score(model, sequences, prompt_lengths, plan, temperature, shape) -> torch.Tensor:
+def score(model, micro_batches, temperature, shape) -> torch.Tensor:
     """Per-token log-probs of the completion tokens, (S, T) with [s, t] predicting token t+1; no gradient."""
     out = torch.zeros(shape)
     head = model.get_output_embeddings().weight
     with torch.no_grad():
-        for indices in plan:
-            packed = pack(sequences, indices, prompt_lengths)
+        for packed, rows, _ in micro_batches:
             hidden = packed_forward(model.base_model, packed).last_hidden_state[0]  # (N, H)
-            rows, _ = completion_rows(packed)
             logp = torch.zeros(hidden.shape[0])
             logp[rows] = fused_linear_logprobs(hidden[rows], head, packed.targets[rows], temperature)
             packed.scatter_into(out, logp)
@@ -164,14 +158,18 @@ def optimize(model, ref_model, optimizer, scheduler, rollout: Rollout, advantage
     lengths = [len(s) for s in sequences]
     S, width = len(sequences), max(lengths)
     plan = plan_micro_batches(lengths, cfg.train.micro_batch_tokens)[0]
+    micro_batches = []  # packed once, used by the old / reference passes and every update
+    for indices in plan:
+        packed = pack(sequences, indices, prompt_lengths)
+        micro_batches.append((packed, *completion_rows(packed)))
     keep_seq = ~rollout.truncated if L.mask_truncated else torch.ones(S, dtype=torch.bool)
     num_items = float(sum(len(c) for c, k in zip(rollout.completion_ids, keep_seq) if k))
     loss_config = GRPOLossConfig(loss_type=L.loss_type, importance_level=L.importance_level, eps_low=L.eps_low,
                                  eps_high=L.eps_high, delta=L.delta, beta=L.beta, temperature=T,
                                  max_completion_length=cfg.generation.max_completion_length, compute_entropy=True)
     needs_old = cfg.train.num_iterations > 1 or L.tis_cap is not None
-    old_logp = score(model, sequences, prompt_lengths, plan, T, (S, width)) if needs_old else None
-    ref_logp = score(ref_model, sequences, prompt_lengths, plan, T, (S, width)) if L.beta else None
+    old_logp = score(model, micro_batches, T, (S, width)) if needs_old else None
+    ref_logp = score(ref_model, micro_batches, T, (S, width)) if L.beta else None
     is_weights = None
     if L.tis_cap is not None:
         rollout_logp = torch.zeros(S, width)
@@ -182,10 +180,8 @@ def optimize(model, ref_model, optimizer, scheduler, rollout: Rollout, advantage
     totals, tokens, bad = {}, 0.0, 0
     for _ in range(cfg.train.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        for indices in plan:
-            packed = pack(sequences, indices, prompt_lengths)
+        for packed, rows, cu_seqlens in micro_batches:
             hidden = packed_forward(model.base_model, packed).last_hidden_state[0]  # (N, H)
-            rows, cu_seqlens = completion_rows(packed)
             pick = lambda per_seq: None if per_seq is None else packed.gather(per_seq)[rows]  # noqa: E731
             loss, metrics = fused_linear_grpo_loss(
                 hidden[rows], head.weight, packed.targets[rows], advantages[packed.seq_indices],
@@ -193,7 +189,7 @@ def optimize(model, ref_model, optimizer, scheduler, rollout: Rollout, advantage
                 is_weights=pick(is_weights), cu_seqlens=cu_seqlens, num_items=num_items)
             if L.loss_type in ("grpo", "dr_grpo"):
                 # these normalize by the number of sequences: a micro-batch holds k of the step's S
-                loss = loss * (len(indices) / S)
+                loss = loss * (len(packed.seq_indices) / S)
             loss.backward()
             n = float(metrics["tokens"])
             for k, v in metrics.items():
@@ -218,11 +214,11 @@ def optimize(model, ref_model, optimizer, scheduler, rollout: Rollout, advantage
 
 def rollout_metrics(rollout: Rollout, advantages, reward_names, G: int) -> dict:
     lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
-    grouped = rollout.rewards.view(-1, G)
+    valid = rollout.rewards[~rollout.rewards.isnan()]
     metrics = {
         "reward/mean": float(rollout.rewards.nanmean()),
-        "reward/std": float(rollout.rewards[~rollout.rewards.isnan()].std()) if lengths.numel() > 1 else 0.0,
-        "reward/zero_std_groups": float((grouped.nan_to_num(0).amax(1) == grouped.nan_to_num(0).amin(1)).float().mean()),
+        "reward/std": float(valid.std()) if valid.numel() > 1 else 0.0,
+        "reward/zero_std_groups": float(constant_groups(rollout.rewards, G).float().mean()),
         "advantage/abs_mean": float(advantages.abs().mean()),
         "advantage/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
         "completion/length_mean": float(lengths.mean()),

@@ -209,6 +209,14 @@ def pack(sequences: list[torch.Tensor | list[int]], indices: list[int], prompt_l
                        seq_of_token=seq_indices[local_seq])
 
 
+def completion_rows(packed):
+    """Rows of `packed` whose target is a completion token, and their cu_seqlens (k+1,): what the loss takes."""
+    rows = packed.loss_mask.nonzero().squeeze(1)  # (n,)
+    counts = torch.bincount(torch.searchsorted(packed.cu_seqlens[1:], rows, right=True),
+                            minlength=len(packed.seq_indices))  # (k,) completion tokens per sequence
+    return rows, torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
 def token_logprobs(logits: torch.Tensor, packed: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
     """(N, V) or (1, N, V) logits -> (N,) fp32 log-probs of packed.targets; 0 where there is no target.
 

@@ -22,7 +22,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights_,
 from .config import LogConfig, ModelConfig, load_config, to_yaml
 from .data import builtin_dataset, encode_prompt
 from .metrics import MetricsLogger, Timer, peak_memory_mib
-from .packing import PackingStats, pack, packed_forward, plan_micro_batches
+from .packing import PackingStats, completion_rows, pack, packed_forward, plan_micro_batches
 
 
 @dataclass
@@ -98,7 +98,7 @@ def sft_step(model, optimizer, sequences, prompt_lengths, indices, cfg: SFTConfi
     for micro in plan:
         packed = pack(sequences, micro, prompt_lengths)
         hidden = packed_forward(model.base_model, packed).last_hidden_state[0]  # (N, H)
-        rows = packed.loss_mask.nonzero().squeeze(1)  # completion targets only
+        rows, _ = completion_rows(packed)
         loss = fused_linear_cross_entropy(hidden[rows], head, packed.targets[rows], reduction="sum") / total
         loss.backward()
         loss_sum += float(loss)
