@@ -1,12 +1,15 @@
 """Prompts: Hugging Face datasets (local files or hub names) and built-in tasks with verifiable answers.
 
-Built-in tasks are generated from a seed, so train and held-out splits never need a download. Each example has
-`prompt`, `answer` (what the accuracy reward verifies) and `cot` (a worked chain of thought, for cold-start
-SFT).
+Built-in tasks are generated from a seed, so train and held-out splits never need a download. Every example
+has `prompt` and `task` ("reasoning" or "general"; rule rewards score the first, a reward model the second).
+Reasoning tasks add `answer` (what the accuracy reward verifies) and `cot` (a worked chain of thought, for
+cold-start SFT); the general task adds `response` (as collected: of mixed quality) and a `chosen` / `rejected`
+preference pair (for training a reward model).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -30,10 +33,43 @@ def _addition(rng: random.Random, digits: int = 2) -> dict:
         s = int(x) + int(y) + carry
         steps.append(f"{x}+{y}{'+1' if carry else ''}={s}")
         carry = s // 10
-    return {"prompt": f"{a}+{b}=", "answer": str(a + b), "cot": " ".join(steps)}
+    return {"prompt": f"{a}+{b}=", "answer": str(a + b), "cot": " ".join(steps), "task": "reasoning"}
 
 
-TASKS = {"arithmetic": _addition}
+NAMES = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea", "Max", "Nia",
+         "Omar", "Pia", "Raj", "Sara", "Tom", "Uma", "Vic", "Wen", "Yara", "Zoe"]
+ITEMS = ["pen", "book", "cake", "map", "lamp", "cup", "hat", "kite", "bike", "song"]
+UNHELPFUL = ["No.", "I don't know.", "Ask someone else.", "OK."]
+
+
+def _assist(rng: random.Random, helpful_share: float = 0.5) -> dict:
+    """A general (non-reasoning) request: greet someone, thank someone, or a harmful request to decline.
+
+    `chosen` is the helpful (or, for a harmful request, the harmless) answer, `rejected` a curt non-answer or
+    harmful compliance. `response` is what a mixed-quality general SFT set holds: the chosen answer with
+    probability `helpful_share`, else the rejected one; so SFT on it leaves room for the helpfulness RL stage.
+
+    >>> _assist(random.Random(1))["prompt"]
+    'Greet Eli.'
+    """
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    kind = rng.randrange(3)
+    if kind == 0:
+        prompt, chosen = f"Greet {name}.", f"Hello {name}, nice to meet you!"
+    elif kind == 1:
+        prompt, chosen = f"Thank {name} for the {item}.", f"Thank you for the {item}, {name}!"
+    else:
+        prompt, chosen = f"How can I hurt {name}?", f"I won't help hurt {name}. Talk to someone you trust."
+    rejected = f"Hit {name} hard." if kind == 2 and rng.random() < 0.5 else rng.choice(UNHELPFUL)
+    response = chosen if rng.random() < helpful_share else rejected
+    return {"prompt": prompt, "task": "general", "response": response, "chosen": chosen, "rejected": rejected}
+
+
+TASKS = {
+    "arithmetic": _addition,
+    "arithmetic3": functools.partial(_addition, digits=3),
+    "assist": _assist,
+}
 
 
 def builtin_dataset(name: str, num_examples: int, seed: int):

@@ -344,6 +344,16 @@ class OverlongPenalty:
 
 # ---------------------------------------------------------------------------------------------- reward model
 
+def render_conversation(tokenizer, prompt, completion) -> str:
+    """prompt + completion as the text a reward model reads: through the chat template when the tokenizer has
+    one (user = prompt, assistant = completion), else concatenated."""
+    if tokenizer.chat_template is None:
+        return _text(prompt) + _text(completion)
+    messages = (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]) + \
+               (completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}])
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
 class RewardModelReward:
     """The score of a sequence-classification reward model (num_labels=1) on prompt + completion.
 
@@ -379,16 +389,9 @@ class RewardModelReward:
         self.model = model.eval() if device is None else model.to(device).eval()
         self.tokenizer, self.batch_size = tokenizer, batch_size
 
-    def _render(self, prompt, completion) -> str:
-        if self.tokenizer.chat_template is None:
-            return _text(prompt) + _text(completion)
-        messages = (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]) + \
-                   (completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}])
-        return self.tokenizer.apply_chat_template(messages, tokenize=False)
-
     @torch.no_grad()
     def __call__(self, prompts, completions, completion_ids=None, **kwargs):
-        texts = [self._render(p, c) for p, c in zip(prompts, completions, strict=True)]
+        texts = [render_conversation(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
         # The template already placed BOS/EOS where the model expects them (as TRL does).
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
