@@ -38,6 +38,8 @@ class DataConfig:
     num_examples: int = 2000  # size of a built-in task's training set
     eval_examples: int = 100  # held-out examples of a built-in task
     seed: int = 0
+    general_source: str | None = None  # general (non-reasoning) prompts mixed in, e.g. builtin:assist (R1 stage 4)
+    general_fraction: float = 0.0  # share of the prompts drawn from general_source
 
 
 @dataclass

@@ -82,24 +82,65 @@ def builtin_dataset(name: str, num_examples: int, seed: int):
     return Dataset.from_list([TASKS[name](rng) for _ in range(num_examples)])
 
 
-def load_prompts(cfg: DataConfig, split: str | None = None, num_examples: int | None = None):
-    """The dataset named by cfg.source, checked to have the prompt and answer columns."""
+def _load(source: str, cfg: DataConfig, split: str | None, num_examples: int | None):
     from datasets import load_dataset
 
-    source = cfg.source
     if source.startswith("builtin:"):
         held_out = split == "eval"
-        ds = builtin_dataset(source.removeprefix("builtin:"),
-                             num_examples or (cfg.eval_examples if held_out else cfg.num_examples),
-                             cfg.seed + (1_000_003 if held_out else 0))
-    elif source.endswith((".json", ".jsonl", ".parquet")):
+        return builtin_dataset(source.removeprefix("builtin:"),
+                               num_examples or (cfg.eval_examples if held_out else cfg.num_examples),
+                               cfg.seed + (1_000_003 if held_out else 0))
+    if source.endswith((".json", ".jsonl", ".parquet")):
         kind = "parquet" if source.endswith(".parquet") else "json"
-        ds = load_dataset(kind, data_files=source, split="train")
-    else:
-        ds = load_dataset(source, split=split or cfg.split)
+        return load_dataset(kind, data_files=source, split="train")
+    return load_dataset(source, split=split or cfg.split)
+
+
+def _with_columns(ds, columns: dict):
+    """`ds` with every column of `columns` (name -> feature) it lacks, filled with None."""
+    for name, feature in columns.items():
+        if name not in ds.column_names:
+            ds = ds.add_column(name, [None] * len(ds)).cast_column(name, feature)
+    return ds
+
+
+def mix(primary, general, general_fraction: float):
+    """`primary` plus enough rows of `general` (cycled) that they are `general_fraction` of the result; the
+    columns become the union of both, None where a row's source lacks one. Rows keep their order (primary
+    first): samplers shuffle."""
+    from datasets import concatenate_datasets
+
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if not 0 <= general_fraction < 1:
+        raise ValueError(f"data.general_fraction must be in [0, 1), got {general_fraction}")
+    n = round(len(primary) * general_fraction / (1 - general_fraction))
+    if n == 0 or len(general) == 0:
+        return primary
+    quiet = are_progress_bars_disabled()
+    disable_progress_bars()  # a bar per added column is noise
+    try:
+        general = general.select([i % len(general) for i in range(n)])
+        primary, general = _with_columns(primary, general.features), _with_columns(general, primary.features)
+        return concatenate_datasets([primary, general.cast(primary.features)])
+    finally:
+        if not quiet:
+            enable_progress_bars()
+
+
+def load_prompts(cfg: DataConfig, split: str | None = None, num_examples: int | None = None):
+    """The dataset named by cfg.source (plus cfg.general_source's prompts at cfg.general_fraction), checked to
+    have the prompt and answer columns."""
+    ds = _load(cfg.source, cfg, split, num_examples)
     for column in (cfg.prompt_column, cfg.answer_column):
         if column not in ds.column_names:
-            raise ValueError(f"dataset {source!r} has no column {column!r} (columns: {', '.join(ds.column_names)})")
+            raise ValueError(f"dataset {cfg.source!r} has no column {column!r} (columns: {', '.join(ds.column_names)})")
+    if cfg.general_source and cfg.general_fraction > 0:
+        general = _load(cfg.general_source, cfg, split, None)
+        if cfg.prompt_column not in general.column_names:
+            raise ValueError(f"dataset {cfg.general_source!r} has no column {cfg.prompt_column!r} "
+                             f"(columns: {', '.join(general.column_names)})")
+        ds = mix(ds, general, cfg.general_fraction)
     return ds
 
 

@@ -164,7 +164,8 @@ def _as_math(s: str) -> str:
 
 def accuracy_reward(prompts, completions, completion_ids=None, answer=None, **kwargs):
     """1.0 if the completion's final answer (see `extract_answer`) equals the `answer` column by math-verify,
-    else 0.0; None where the reference itself does not parse (as TRL does: the sample cannot be scored).
+    else 0.0; None where the reference itself does not parse (as TRL does: the sample cannot be scored) or is
+    missing (a general prompt mixed into a reasoning set).
 
     math-verify bounds parse/verify time with signal.alarm, which only works in the main thread; elsewhere
     the timeouts are off (as in TRL). Cost on the 2-core dev machine: ~2 us per completion when reference and
@@ -182,6 +183,9 @@ def accuracy_reward(prompts, completions, completion_ids=None, answer=None, **kw
     golds = {}  # each prompt's reference is repeated G times: parse it once
     rewards = []
     for completion, ref in zip(completions, answer, strict=True):
+        if ref is None:
+            rewards.append(None)
+            continue
         ref = str(ref).strip()
         pred = extract_answer(_text(completion))
         if _INTEGER.fullmatch(ref) and (pred is None or _INTEGER.fullmatch(pred)):
@@ -208,6 +212,7 @@ class FormatReward:
     think_in_prompt=False (default, R1 style): the completion itself must open with <think>.
     think_in_prompt=True: the chat template already ends the prompt with <think>, so the completion must
     start straight with the reasoning (a second <think> is a format error).
+    None for rows whose `task` column is "general": the format is what reasoning answers owe.
 
     >>> FormatReward()(prompts=["q"], completions=["<think>6*7</think>Answer: 42"])
     [1.0]
@@ -219,8 +224,10 @@ class FormatReward:
         self.answer_pattern = re.compile(answer_pattern)
         self.think_in_prompt = think_in_prompt
 
-    def __call__(self, prompts, completions, completion_ids=None, **kwargs):
-        return [float(self.well_formed(_text(c))) for c in completions]
+    def __call__(self, prompts, completions, completion_ids=None, task=None, **kwargs):
+        tasks = task if task is not None else [None] * len(completions)
+        return [None if t == "general" else float(self.well_formed(_text(c)))
+                for c, t in zip(completions, tasks, strict=True)]
 
     def well_formed(self, text: str) -> bool:
         cot, closed, answer = text.partition(THINK_CLOSE)
@@ -357,7 +364,8 @@ def render_conversation(tokenizer, prompt, completion) -> str:
 class RewardModelReward:
     """The score of a sequence-classification reward model (num_labels=1) on prompt + completion.
 
-    Texts go through the tokenizer's chat template (user = prompt, assistant = completion) when it has one,
+    With a `task` column, only rows whose task is not "reasoning" are scored (None elsewhere: rule rewards
+    score those). Texts go through the tokenizer's chat template (user = prompt, assistant = completion) when it has one,
     else prompt + completion are concatenated; so prompts should be the raw question, not an already
     rendered template. Scored in batches of `batch_size` sorted by length (less padding), under no_grad.
 
@@ -390,7 +398,14 @@ class RewardModelReward:
         self.tokenizer, self.batch_size = tokenizer, batch_size
 
     @torch.no_grad()
-    def __call__(self, prompts, completions, completion_ids=None, **kwargs):
+    def __call__(self, prompts, completions, completion_ids=None, task=None, **kwargs):
+        if task is not None:  # R1 stage 4: rule rewards score reasoning prompts, the reward model the others
+            general = [i for i, t in enumerate(task) if t != "reasoning"]
+            scores = [None] * len(completions)
+            if general:
+                for i, s in zip(general, self([prompts[i] for i in general], [completions[i] for i in general])):
+                    scores[i] = s
+            return scores
         texts = [render_conversation(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
         # The template already placed BOS/EOS where the model expects them (as TRL does).
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
