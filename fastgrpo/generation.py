@@ -55,15 +55,17 @@ class VLLMGenerator:
     Measured on a 180M-parameter Qwen2 (151,936 vocabulary, fp32, 2 cores, 64 sequences x 64 tokens): packed
     415 tokens/s + 1.8 s reload per step against shared 288 tokens/s + no sync (the LM-head GEMM at decode shapes
     runs ~3x faster packed); reload costs a second copy of the weights in memory (bench/GENERATION.md).
+    sync="none" (no trainer model): vLLM samples from the checkpoint's weights, for evaluation and rejection
+    sampling.
     """
 
     def __init__(self, model_path, model=None, sync="auto", dtype="auto", max_model_len=2048,
                  kv_cache_gib=1.0, gpu_memory_utilization=0.3, seed=0):
         if sync == "auto":
             sync = "zero_copy" if torch.cuda.is_available() else "reload"
-        if sync not in ("zero_copy", "reload"):
-            raise ValueError(f"sync must be 'auto', 'zero_copy' or 'reload', got {sync!r}")
-        if model is None:
+        if sync not in ("zero_copy", "reload", "none"):
+            raise ValueError(f"sync must be 'auto', 'zero_copy', 'reload' or 'none', got {sync!r}")
+        if model is None and sync != "none":
             raise ValueError(f"sync={sync!r} needs the trainer's model (to share weights with, or to copy them from)")
         self.llm = vllm_bridge.create_llm(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                                           kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization,
@@ -77,6 +79,8 @@ class VLLMGenerator:
         """Make vLLM see the trainer's current weights; returns seconds spent (0 when shared)."""
         if self.sync == "zero_copy":
             return 0.0
+        if self.sync == "none":
+            raise RuntimeError("this generator has no trainer model to take weights from (sync='none')")
         return vllm_bridge.reload_weights(self.llm, self.model.state_dict().items())
 
     def sleep(self):

@@ -1,0 +1,146 @@
+"""Score a checkpoint on held-out prompts, with the verifiers the RL rewards use.
+
+    python -m fastgrpo.evaluate CHECKPOINT [key=value ...]     # e.g. k=8 data.source=builtin:arithmetic
+
+Reasoning prompts (data.source, held-out split): k samples per prompt; pass@1 is the share of correct samples
+averaged over prompts (R1's "pass@1 over k samples"), maj@k the share of prompts whose most frequent final
+answer is correct; plus the format rate, the mean rule reward (rewards.funcs / weights) and completion length.
+General prompts (data.general_source, when set): the reward model's mean score ("helpfulness") and, for the
+built-in general task, the share of answers equal to the preferred one (a check on the reward model that
+cannot be gamed).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig, RewardConfig, load_config
+from .data import encode_prompt, load_prompts
+from .generation import HFGenerator, SamplingConfig, VLLMGenerator
+from .rewards import FormatReward, RewardModelReward, accuracy_reward, compute_rewards, extract_answer, resolve_reward
+
+
+@dataclass
+class EvalConfig:
+    model: str = "???"  # an HF checkpoint folder
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_prompt_length=256))
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    backend: str = "vllm"  # vllm | hf
+    k: int = 4  # samples per prompt
+    temperature: float = 0.6  # R1 reports pass@1 at temperature 0.6, top-p 0.95
+    top_p: float = 0.95
+    max_completion_length: int = 64
+    kv_cache_gib: float = 0.25
+    seed: int = 0
+    out: str | None = None  # also write the results here as JSON
+
+
+def make_sampler_llm(cfg: EvalConfig):
+    """A generator with the checkpoint's weights: vLLM in process (nothing to sync), or transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    if cfg.backend == "hf":
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
+        return HFGenerator(model, tokenizer.eos_token_id, tokenizer.pad_token_id), tokenizer
+    if cfg.backend != "vllm":
+        raise ValueError(f"backend must be 'vllm' or 'hf', got {cfg.backend!r}")
+    generator = VLLMGenerator(cfg.model, None, sync="none", max_model_len=cfg.data.max_prompt_length +
+                              cfg.max_completion_length, kv_cache_gib=cfg.kv_cache_gib, seed=cfg.seed)
+    return generator, tokenizer
+
+
+def sample(generator, tokenizer, prompts: list, sampling: SamplingConfig) -> list[list]:
+    """k completions per prompt: (text, token ids, finish reason), the text with special tokens but no EOS."""
+    from .grpo import decode
+
+    outputs = generator.generate([encode_prompt(tokenizer, p) for p in prompts], sampling)
+    return [[(decode(tokenizer, c.token_ids), c.token_ids, c.finish_reason) for c in group] for group in outputs]
+
+
+def majority_correct(answers: list[str | None], correct: list[float]) -> float:
+    """1.0 if the most frequent extracted answer (ties: the first seen) is a correct one; None answers abstain."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return 0.0
+    top = votes.most_common(1)[0][0]
+    return correct[answers.index(top)]
+
+
+def evaluate_reasoning(generator, tokenizer, cfg: EvalConfig) -> dict:
+    ds = load_prompts(replace(cfg.data, general_source=None), split="eval")
+    k = cfg.k
+    sampling = SamplingConfig(n=k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_completion_length,
+                              seed=cfg.seed)
+    groups = sample(generator, tokenizer, ds[cfg.data.prompt_column], sampling)
+    texts = [t for g in groups for t, _, _ in g]
+    ids = [i for g in groups for _, i, _ in g]
+    columns = {c: [v for v in ds[c] for _ in range(k)] for c in ds.column_names if c != cfg.data.prompt_column}
+    prompts = [p for p in ds[cfg.data.prompt_column] for _ in range(k)]
+    correct = accuracy_reward(prompts, texts, ids, answer=columns[cfg.data.answer_column])
+    correct = [0.0 if c is None else c for c in correct]
+    funcs = [resolve_reward(n) for n in cfg.rewards.funcs if n != "reward_model"]
+    weights = [w for n, w in zip(cfg.rewards.funcs, cfg.rewards.weights) if n != "reward_model"]
+    rewards, _ = compute_rewards(funcs, weights, prompts, texts, ids, columns)
+    answers = [extract_answer(t) for t in texts]
+    maj = [majority_correct(answers[i * k:(i + 1) * k], correct[i * k:(i + 1) * k]) for i in range(len(groups))]
+    return {
+        "prompts": len(groups),
+        "pass@1": sum(correct) / len(correct),
+        f"maj@{k}": sum(maj) / len(maj),
+        "format": sum(FormatReward()(prompts, texts)) / len(texts),
+        "reward": float(rewards.nanmean()),
+        "length": sum(len(i) for i in ids) / len(ids),
+        "truncated": sum(r == "length" for g in groups for _, _, r in g) / len(texts),
+    }
+
+
+def evaluate_general(generator, tokenizer, cfg: EvalConfig) -> dict:
+    data = replace(cfg.data, source=cfg.data.general_source, general_source=None, answer_column=cfg.data.prompt_column)
+    ds = load_prompts(data, split="eval")
+    sampling = SamplingConfig(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
+                              max_tokens=cfg.max_completion_length, seed=cfg.seed + 1)
+    groups = sample(generator, tokenizer, ds[cfg.data.prompt_column], sampling)
+    prompts = [p for p in ds[cfg.data.prompt_column] for _ in range(cfg.k)]
+    texts = [t for g in groups for t, _, _ in g]
+    out = {"general_prompts": len(groups), "general_length": sum(len(i) for g in groups for _, i, _ in g) / len(texts)}
+    if cfg.rewards.reward_model:
+        scores = RewardModelReward(cfg.rewards.reward_model)(prompts, texts)
+        out["helpfulness"] = sum(scores) / len(scores)
+    if "chosen" in ds.column_names:
+        chosen = [c for c in ds["chosen"] for _ in range(cfg.k)]
+        out["preferred"] = sum(t.strip() == c for t, c in zip(texts, chosen)) / len(texts)
+    return out
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    if not Path(cfg.model).is_dir():
+        raise ValueError(f"model={cfg.model!r} is not a checkpoint folder")
+    generator, tokenizer = make_sampler_llm(cfg)
+    results = {"model": cfg.model, **evaluate_reasoning(generator, tokenizer, cfg)}
+    if cfg.data.general_source:
+        results.update(evaluate_general(generator, tokenizer, cfg))
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    cfg = load_config(EvalConfig, None, [f"model={argv[0]}", *argv[1:]])
+    results = evaluate(cfg)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
