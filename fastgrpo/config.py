@@ -133,6 +133,8 @@ def _check_choices(cfg) -> None:
 
 def load_config(schema: type, path: str | Path | None = None, overrides: list[str] = ()):
     """Defaults from `schema`, then the YAML at `path`, then `key=value` overrides; returns a typed object."""
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         cfg = OmegaConf.structured(schema)
         OmegaConf.set_struct(cfg, True)
@@ -149,6 +151,13 @@ def load_config(schema: type, path: str | Path | None = None, overrides: list[st
         raise ConfigError(f"config error{where}: {prefix}{message}") from None
     _check_choices(cfg)
     return OmegaConf.to_object(cfg)
+
+
+def load_cli_config(schema: type, argv: list[str]):
+    """`CONFIG.yaml [key=value ...]` or only `key=value ...` (the schema's defaults, then the overrides)."""
+    if argv and "=" not in argv[0]:
+        return load_config(schema, argv[0], argv[1:])
+    return load_config(schema, None, argv)
 
 
 def to_yaml(cfg) -> str:

@@ -20,16 +20,24 @@ CHAT_TEMPLATE = (
 
 
 def char_tokenizer():
-    """A PreTrainedTokenizerFast over single characters: special tokens, then printable ASCII."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
+    """A PreTrainedTokenizerFast over single characters: special tokens, then printable ASCII.
 
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    Characters are stored in GPT-2's byte-level alphabet (" " is "Ġ", "\n" is "Ċ") with a byte-level pre-tokenizer
+    and decoder: transformers 5 loads any qwen2 checkpoint's tokenizer as Qwen2Tokenizer, which rebuilds a
+    byte-level pipeline around the saved vocabulary, and a plain " " entry would silently drop every space.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_char = bytes_to_unicode()
+    chars = [byte_char[ord(c)] for c in string.printable if c not in "\x0b\x0c\r"]
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
-    # BPE without merges splits text into single characters; Fuse joins them back without spaces.
+    # BPE without merges splits text into single characters.
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.add_special_tokens(SPECIAL_TOKENS)
-    core.decoder = decoders.Fuse()
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                   unk_token="<unk>")
     tok.chat_template = CHAT_TEMPLATE

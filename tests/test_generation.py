@@ -151,3 +151,18 @@ def test_bad_input(model_path, monkeypatch):
     monkeypatch.setattr(vllm, "__version__", vllm_bridge.TESTED_VERSIONS[0])
     with pytest.raises(ValueError, match="cannot share .*bfloat16.*use weight reload"):
         VLLMGenerator(model_path, bf16, sync="zero_copy", dtype="float32", max_model_len=256)
+
+
+def test_tiny_tokenizer_round_trips_text_as_loaded_by_transformers(tmp_path):
+    """transformers 5 loads a qwen2 checkpoint's tokenizer as Qwen2Tokenizer (byte-level); spaces must survive."""
+    from transformers import AutoTokenizer
+
+    from fastgrpo.tiny import build_tiny_model, char_tokenizer
+
+    text = "<|user|>Greet Max.<|assistant|><think>9+7=16 4+9+1=14</think>Answer: 146</s>\ttab\nline"
+    expected = char_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    for arch in ("qwen2", "llama"):
+        tok = AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / arch, arch, hidden=64, intermediate=128))
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == expected, arch
+        assert tok.decode(ids) == text, arch

@@ -1,0 +1,150 @@
+"""Rejection sampling (R1 stage 3): sample from the RL model, keep what the verifiers accept, mix in general data.
+
+    python -m fastgrpo.rejection [CONFIG] [key=value ...]
+
+k completions per prompt from the in-process vLLM generator; a completion is kept when it is correct
+(accuracy), well formed (format), written in the prompt's language (language consistency, where it applies)
+and not repetitive; exact duplicates are dropped and at most `max_per_prompt` are kept per prompt. General
+(non-reasoning) prompt/response pairs are added so they make up `general_fraction` of the rows. The dataset is
+written as JSON lines (`prompt`, `completion`, `source` and the provenance of each row: the sampling settings
+and rewards of a sampled row, the source dataset of a general one), atomically, ready for `fastgrpo.sft`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .config import DataConfig, load_cli_config
+from .data import load_prompts
+from .evaluate import sample
+from .generation import SamplingConfig, VLLMGenerator
+from .rewards import FormatReward, accuracy_reward, language_consistency_reward
+
+
+@dataclass
+class RejectionConfig:
+    model: str = "???"  # the model to sample from (the stage-2 checkpoint)
+    data: DataConfig = field(default_factory=DataConfig)  # reasoning prompts (train split)
+    k: int = 8  # samples per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_completion_length: int = 256
+    max_per_prompt: int = 2  # distinct accepted completions kept per prompt
+    min_language_consistency: float = 0.95
+    max_ngram_repeats: int = 4  # reject a completion in which some 8-gram of tokens occurs more often
+    general_source: str | None = "builtin:assist"  # prompt/response pairs of general data
+    general_response_column: str = "response"
+    general_fraction: float = 0.3  # share of the written rows that are general data
+    out: str = "runs/rejection/dataset.jsonl"
+    kv_cache_gib: float = 0.25
+    seed: int = 0
+
+
+def repetitive(token_ids: list[int], n: int = 8, max_repeats: int = 4) -> bool:
+    """True when some n-gram occurs more than `max_repeats` times (a degenerate loop).
+
+    >>> repetitive([1, 2] * 20, n=2, max_repeats=4), repetitive(list(range(40)), n=2, max_repeats=4)
+    (True, False)
+    """
+    grams = Counter(tuple(token_ids[i:i + n]) for i in range(len(token_ids) - n + 1))
+    return bool(grams) and max(grams.values()) > max_repeats
+
+
+def accepted_samples(generator, tokenizer, cfg: RejectionConfig) -> tuple[list[dict], dict]:
+    """(rows of accepted completions, counts of why the others were rejected)."""
+    ds = load_prompts(replace(cfg.data, general_source=None))
+    sampling = SamplingConfig(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
+                              max_tokens=cfg.max_completion_length, seed=cfg.seed)
+    prompts = ds[cfg.data.prompt_column]
+    groups = sample(generator, tokenizer, prompts, sampling)
+    fmt = FormatReward()
+    rows, counts = [], Counter()
+    for prompt, answer, group in zip(prompts, ds[cfg.data.answer_column], groups):
+        texts = [t for t, _, _ in group]
+        correct = accuracy_reward([prompt] * len(texts), texts, answer=[answer] * len(texts))
+        formed = fmt([prompt] * len(texts), texts)
+        language = language_consistency_reward([prompt] * len(texts), texts)
+        seen = set()
+        for (text, ids, finish), acc, form, lang in zip(group, correct, formed, language):
+            counts["sampled"] += 1
+            reason = ("incorrect" if acc != 1.0 else "format" if form != 1.0 else "truncated" if finish == "length"
+                      else "language" if lang is not None and lang < cfg.min_language_consistency
+                      else "repetitive" if repetitive(ids, max_repeats=cfg.max_ngram_repeats)
+                      else "duplicate" if text in seen else "enough" if len(seen) >= cfg.max_per_prompt else None)
+            counts[reason or "kept"] += 1
+            if reason is None:
+                seen.add(text)
+                rows.append({"prompt": prompt, "completion": text + tokenizer.eos_token, "source": "rejection_sampling",
+                             "provenance": {"model": cfg.model, "answer": answer, "temperature": cfg.temperature,
+                                            "top_p": cfg.top_p, "k": cfg.k, "seed": cfg.seed,
+                                            "rewards": {"accuracy": acc, "format": form, "language": lang}}})
+    return rows, dict(counts)
+
+
+def general_rows(cfg: RejectionConfig, num_reasoning: int, eos: str) -> list[dict]:
+    """General prompt/response rows, as many as make them `general_fraction` of the dataset."""
+    if not cfg.general_source or cfg.general_fraction <= 0:
+        return []
+    if not 0 < cfg.general_fraction < 1:
+        raise ValueError(f"general_fraction must be in [0, 1), got {cfg.general_fraction}")
+    n = round(num_reasoning * cfg.general_fraction / (1 - cfg.general_fraction))
+    data = replace(cfg.data, source=cfg.general_source, general_source=None, answer_column=cfg.data.prompt_column)
+    ds = load_prompts(data, num_examples=max(n, 1))
+    if cfg.general_response_column not in ds.column_names:
+        raise ValueError(f"dataset {cfg.general_source!r} has no column {cfg.general_response_column!r} "
+                         f"(columns: {', '.join(ds.column_names)})")
+    return [{"prompt": ex[cfg.data.prompt_column], "completion": ex[cfg.general_response_column] + eos,
+             "source": "general", "provenance": {"dataset": cfg.general_source, "row": i % len(ds)}}
+            for i, ex in ((i, ds[i % len(ds)]) for i in range(n))]
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    """All rows or nothing: written to a temporary file, then renamed over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run(cfg: RejectionConfig) -> dict:
+    """Build the dataset at cfg.out (skipped when it already exists); returns its summary."""
+    from transformers import AutoTokenizer
+
+    out = Path(cfg.out)
+    summary_path = out.with_suffix(".summary.json")
+    if out.exists() and summary_path.exists():
+        return json.loads(summary_path.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    generator = VLLMGenerator(cfg.model, None, sync="none", seed=cfg.seed, kv_cache_gib=cfg.kv_cache_gib,
+                              max_model_len=cfg.data.max_prompt_length + cfg.max_completion_length)
+    rows, counts = accepted_samples(generator, tokenizer, cfg)
+    if not rows:
+        raise RuntimeError(f"rejection sampling kept no completion of {counts.get('sampled', 0)} ({counts})")
+    general = general_rows(cfg, len(rows), tokenizer.eos_token)
+    summary = {"rows": len(rows) + len(general), "reasoning_rows": len(rows), "general_rows": len(general),
+               "prompts": len(set(r["prompt"] for r in rows)), "counts": counts, "config": asdict(cfg)}
+    write_jsonl(rows + general, out)
+    summary_path.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    summary = run(load_cli_config(RejectionConfig, argv))
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
