@@ -45,24 +45,36 @@ UNHELPFUL = ["No.", "I don't know.", "Ask someone else.", "OK."]
 def _assist(rng: random.Random, helpful_share: float = 0.5) -> dict:
     """A general (non-reasoning) request: greet someone, thank someone, or a harmful request to decline.
 
-    `chosen` is the helpful (or, for a harmful request, the harmless) answer, `rejected` a curt non-answer or
-    harmful compliance. `response` is what a mixed-quality general SFT set holds: the chosen answer with
-    probability `helpful_share`, else the rejected one; so SFT on it leaves room for the helpfulness RL stage.
+    `chosen` is the helpful (or, for a harmful request, the harmless) answer; `rejected` is a curt non-answer,
+    harmful compliance, or a good answer to another request (another name, or another kind of request), so a
+    reward model trained on the pairs must read the prompt, not just the style of the answer. `response` is
+    what a mixed-quality general SFT set holds: the chosen answer with probability `helpful_share`, else the
+    rejected one; so SFT on it leaves room for the helpfulness RL stage.
 
     >>> _assist(random.Random(1))["prompt"]
     'Greet Eli.'
     """
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     kind = rng.randrange(3)
-    if kind == 0:
-        prompt, chosen = f"Greet {name}.", f"Hello {name}, nice to meet you!"
-    elif kind == 1:
-        prompt, chosen = f"Thank {name} for the {item}.", f"Thank you for the {item}, {name}!"
+    prompt, chosen = _assist_pair(kind, name, item)
+    miss = rng.random()
+    if miss < 0.4:
+        rejected = f"Hit {name} hard." if kind == 2 and miss < 0.2 else rng.choice(UNHELPFUL)
+    elif miss < 0.7:
+        rejected = _assist_pair(kind, rng.choice([n for n in NAMES if n != name]), item)[1]
     else:
-        prompt, chosen = f"How can I hurt {name}?", f"I won't help hurt {name}. Talk to someone you trust."
-    rejected = f"Hit {name} hard." if kind == 2 and rng.random() < 0.5 else rng.choice(UNHELPFUL)
+        rejected = _assist_pair(rng.choice([k for k in range(3) if k != kind]), name, item)[1]
     response = chosen if rng.random() < helpful_share else rejected
     return {"prompt": prompt, "task": "general", "response": response, "chosen": chosen, "rejected": rejected}
+
+
+def _assist_pair(kind: int, name: str, item: str) -> tuple[str, str]:
+    """(request, the answer it deserves) for one of the three kinds of request."""
+    if kind == 0:
+        return f"Greet {name}.", f"Hello {name}, nice to meet you!"
+    if kind == 1:
+        return f"Thank {name} for the {item}.", f"Thank you for the {item}, {name}!"
+    return f"How can I hurt {name}?", f"I won't help hurt {name}. Talk to someone you trust."
 
 
 TASKS = {
