@@ -6,11 +6,19 @@
         step-00000200/              as is; trainer_state.pt: optimizer, scheduler, user state, RNG states
         .tmp-step-00000300/     # a save in progress (or one that crashed): never read, removed by the next save
 
+Under torchrun (several ranks, FSDP2) a checkpoint is also sharded: sharded/ holds the model and optimizer state
+as torch.distributed.checkpoint (DCP) writes it, each rank its own shards, and trainer_state.pt names it instead of
+holding the optimizer. The Hugging Face files beside it are consolidated from the full tensors (rank 0 writes them),
+so transformers and vLLM load any checkpoint alike. Either kind resumes on any number of ranks: DCP reshards
+sharded/ to the loading world size (a single process included), and a single-process checkpoint is sharded as it
+loads. Every rank must see the checkpoint directory (on several nodes: a shared filesystem).
+
 A checkpoint directory only ever appears whole: it is written under a temporary name, fsynced, and renamed into
 place (a rename within one filesystem is atomic), and only then does `latest` move. So a crash at any point leaves
 the previous checkpoint and pointer intact, and any `step-*` directory is complete.
 
-One process writes a run's checkpoints (rank 0); trainer_state.pt loads with torch.load(weights_only=True).
+Every rank calls save_checkpoint and load_checkpoint (under torchrun they are collectives); rank 0 alone writes
+the files outside sharded/. trainer_state.pt loads with torch.load(weights_only=True).
 
     path = save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, state={"step": step}, keep_last=3)
     state = load_checkpoint(latest_checkpoint(run_dir), model, optimizer, scheduler)
@@ -28,11 +36,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .distributed import world
 
 TRAINER_STATE = "trainer_state.pt"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+SHARDED = "sharded"  # the DCP directory of a checkpoint written by several ranks
 
 
 class CheckpointError(RuntimeError):
@@ -50,21 +63,53 @@ def save_checkpoint(run_dir, step: int, model, tokenizer, optimizer=None, schedu
         raise ValueError(f"keep_last must be >= 1 or None (keep all), got {keep_last}")
     state = dict(state or {})
     _check_weights_only_loadable(state)
+    rank, world_size = world()
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    # Leftovers of a save that crashed; removing them first also frees the disk space a retry may need.
-    for stale in root.glob(TMP_PREFIX + "*"):
-        shutil.rmtree(stale)
-
     final = root / f"step-{step:08d}"
     tmp = root / (TMP_PREFIX + final.name)
-    tmp.mkdir()
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "state": state,
-                "rng": _get_rng_state()}, tmp / TRAINER_STATE)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        # Leftovers of a save that crashed; removing them first also frees the disk space a retry may need.
+        for stale in root.glob(TMP_PREFIX + "*"):
+            shutil.rmtree(stale)
+        tmp.mkdir()
+    if world_size == 1:
+        model.save_pretrained(tmp)
+        optimizer_state = optimizer.state_dict() if optimizer is not None else None
+    else:
+        dist.barrier()  # tmp exists before any rank writes its shards into it
+        _save_sharded(tmp, model, optimizer)
+        optimizer_state = SHARDED if optimizer is not None else None
+    if rank == 0:
+        tokenizer.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer_state,
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "state": state,
+                    "rng": _get_rng_state()}, tmp / TRAINER_STATE)
+        _publish(root, tmp, final, keep_last)
+    if world_size > 1:
+        dist.barrier()  # no rank goes on (and may read `latest`) before the checkpoint is in place
+    return final
+
+
+def _save_sharded(tmp: Path, model, optimizer) -> None:
+    """Every rank: its model and optimizer shards into tmp/sharded (DCP); rank 0: the consolidated HF weights."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    if optimizer is not None:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / SHARDED)
+    else:
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp / SHARDED)
+    # Gathered into rank 0's CPU memory (the other ranks get nothing): one full copy of the weights, once per save.
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        model.save_pretrained(tmp, state_dict=full)
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep_last: int | None) -> None:
+    """Flush tmp, rename it to final, point `latest` at it, prune to keep_last (one process: rank 0)."""
     for file in tmp.rglob("*"):
         if file.is_file():
             _fsync(file)
@@ -82,7 +127,6 @@ def save_checkpoint(run_dir, step: int, model, tokenizer, optimizer=None, schedu
         others = [d for d in _step_dirs(root) if d != final]
         for old in others[:max(len(others) - (keep_last - 1), 0)]:
             _remove_dir(old)
-    return final
 
 
 def latest_checkpoint(run_dir) -> Path | None:
@@ -101,7 +145,8 @@ def latest_checkpoint(run_dir) -> Path | None:
 def load_checkpoint(path, model=None, optimizer=None, scheduler=None) -> dict:
     """Restore what was saved into the given objects (model weights in place) and the RNG states; return `state`.
 
-    To build a fresh model instead, use AutoModelForCausalLM.from_pretrained(path).
+    Any checkpoint loads on any number of ranks, into a plain or an FSDP2-sharded model (the optimizer together with
+    its model). To build a fresh model instead, use AutoModelForCausalLM.from_pretrained(path).
     """
     path = Path(path)
     if not path.is_dir():
@@ -118,14 +163,50 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None) -> dict:
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is not None and saved[name] is None:
             raise CheckpointError(f"checkpoint {path} has no {name} state (it was saved without a {name})")
-    if model is not None:
-        load_model_weights_(model, path)
-    if optimizer is not None:
-        optimizer.load_state_dict(saved["optimizer"])
+    sharded = (path / SHARDED).is_dir()
+    if optimizer is not None and model is None and (sharded or world()[1] > 1):
+        raise CheckpointError(f"checkpoint {path}: the optimizer state loads by parameter name; pass the model too")
+    if sharded and model is not None:
+        _load_sharded(path, model, optimizer)
+    else:
+        if model is not None:
+            load_model_weights_(model, path)
+        if optimizer is not None and world()[1] == 1:
+            optimizer.load_state_dict(saved["optimizer"])
+        elif optimizer is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            # Saved by one process: keyed by position in model.parameters(); every rank takes its shards of it.
+            set_optimizer_state_dict(model, optimizer, _by_name(saved["optimizer"], model),
+                                     options=StateDictOptions(full_state_dict=True))
     if scheduler is not None:
         scheduler.load_state_dict(saved["scheduler"])
     _set_rng_state(saved["rng"])
     return saved["state"]
+
+
+def _load_sharded(path: Path, model, optimizer) -> None:
+    """DCP: each rank reads the pieces of its own shards, whatever the number of ranks that saved them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
+
+    if optimizer is None:
+        states = {"model": get_model_state_dict(model)}
+        dcp.load(states, checkpoint_id=path / SHARDED)
+        set_model_state_dict(model, states["model"])
+        return
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    states = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(states, checkpoint_id=path / SHARDED)
+    set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
+
+
+def _by_name(optimizer_state: dict, model) -> dict:
+    """A plain optimizer.state_dict() (keyed by parameter position) keyed by parameter name instead."""
+    names = [name for name, _ in model.named_parameters()]
+    return {"state": {names[i]: s for i, s in optimizer_state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optimizer_state["param_groups"]]}
 
 
 @torch.no_grad()
@@ -133,7 +214,8 @@ def load_model_weights_(model: torch.nn.Module, path) -> None:
     """Copy the safetensors weights in `path` into `model`'s existing tensors; every name and shape must match.
 
     Tensors are read one at a time, so no second copy of the model is held. Tied weights (an LM head sharing the
-    embedding) are saved once under one name and count as loaded under all of theirs.
+    embedding) are saved once under one name and count as loaded under all of theirs. An FSDP2-sharded model takes
+    its own shard of each tensor (every rank reads the file).
     """
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
@@ -150,11 +232,18 @@ def load_model_weights_(model: torch.nn.Module, path) -> None:
                 if tensor.shape != target.shape:
                     raise CheckpointError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, "
                                           f"the model's has {tuple(target.shape)}")
+                if isinstance(target, DTensor):  # src_data_rank=None: slice locally, no communication
+                    tensor = distribute_tensor(tensor.to(target.device), target.device_mesh, target.placements,
+                                               src_data_rank=None)
                 target.copy_(tensor)
-                loaded.add(target.data_ptr())
-    missing = [name for name, target in targets.items() if target.data_ptr() not in loaded]
+                loaded.add(_address(target))
+    missing = [name for name, target in targets.items() if _address(target) not in loaded]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} model tensor(s), first: {missing[0]}")
+
+
+def _address(t: torch.Tensor) -> int:
+    return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
 
 
 def _step_dirs(root: Path) -> list[Path]:

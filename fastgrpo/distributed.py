@@ -1,7 +1,9 @@
 """Data-parallel training with FSDP2: process group, sharding, global sums, and gathering full weights.
 
-The building blocks; tests/test_distributed.py runs a GRPO step with them on 1 and 2 ranks (torchrun, gloo) and
-gets the same loss and weights. The trainer (fastgrpo/grpo.py) is not wired to several ranks yet (issue 7).
+    torchrun --nproc-per-node 8 -m fastgrpo.grpo CONFIG      # docs/SCALING.md: several nodes, what it costs
+
+fastgrpo.grpo and fastgrpo.sft run on any number of ranks with these; tests/test_distributed.py checks that 1 and 2
+ranks (torchrun, gloo) give the same losses and weights, and that checkpoints resume across world sizes.
 
 Every rank holds a shard of each parameter (`fully_shard` per decoder layer, then the root for embeddings, final
 norm and LM head) and trains on its own share of the step's sequences (`plan_micro_batches(..., num_ranks)[rank]`).
@@ -10,7 +12,7 @@ and gradients are *summed* over ranks (not averaged, FSDP's default): each rank'
 loss, so the sum of the ranks' gradients is the gradient of the global loss, whatever the number of ranks.
 
 A single process (no torchrun) needs nothing: `init_distributed` and `shard_model` are no-ops, `all_reduce_sum`
-returns its input and `full_state_dict` yields the plain tensors.
+returns its input, `all_gather_objects` wraps it in a list and `full_state_dict` yields the plain tensors.
 """
 
 from __future__ import annotations
@@ -50,13 +52,14 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """Apply FSDP2 to a transformers *ForCausalLM in place: each decoder layer, then the root. Returns the model.
 
     On CUDA the forward and backward run in bf16 with fp32 master weights and fp32 gradient reduction; on CPU
-    everything stays in the parameters' dtype. A no-op without a process group.
+    everything stays in the parameters' dtype. A no-op on a single rank (an in-process vLLM engine sets up a
+    one-rank process group of its own: that is not data parallelism).
 
     The root (embeddings, final norm, LM head) keeps its parameters gathered from its forward to the end of the
     backward, so `model.get_output_embeddings().weight` is the full head while the fused loss uses it, provided
     the hidden states come from the root's forward (`packed_hidden_states`), not from `model.base_model`.
     """
-    if not dist.is_initialized():
+    if world()[1] == 1:
         return model
     mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                  if torch.cuda.is_available() else MixedPrecisionPolicy())
@@ -72,7 +75,21 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
+    # transformers' generate() reads this flag: it then keeps every rank stepping until all ranks' sequences are done
+    # (synced_gpus), since each forward of a sharded model is a collective.
+    model._is_fsdp_managed_module = True
     return model
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the gathered parameters a no-grad forward left behind. A no-op outside FSDP.
+
+    FSDP2 keeps the root's parameters (embeddings, final norm, LM head) gathered after its forward, for the backward;
+    after a forward without one nothing frees them: a reference model would hold a full copy for good, and an
+    optimizer step would update the shards under a stale gathered copy.
+    """
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 def packed_hidden_states(model: torch.nn.Module, packed) -> torch.Tensor:
@@ -89,9 +106,22 @@ def packed_hidden_states(model: torch.nn.Module, packed) -> torch.Tensor:
     return out.hidden_states[-1][0]  # (N, H)
 
 
+def packed_backward(model: torch.nn.Module, loss: torch.Tensor) -> None:
+    """loss.backward() for a loss computed from `packed_hidden_states(model, ...)`.
+
+    With gradient checkpointing the backward recomputes each decoder layer, after packed_forward has switched the
+    attention back to the model's own: without the packed attention switched on here too, the recomputation would
+    run another attention and fail torch's check that it saved what the forward saved.
+    """
+    from .packing import _attention, attention_implementation
+
+    with _attention(model.config, attention_implementation(model)):
+        loss.backward()
+
+
 def all_reduce_sum(x: float | torch.Tensor) -> float | torch.Tensor:
     """Sum over ranks: a float comes back as a float (summed in fp64), a tensor as a new summed tensor."""
-    if not dist.is_initialized():
+    if world()[1] == 1:
         return x
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     if isinstance(x, torch.Tensor):
@@ -103,11 +133,29 @@ def all_reduce_sum(x: float | torch.Tensor) -> float | torch.Tensor:
     return float(out)
 
 
-def full_state_dict(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def all_gather_objects(obj) -> list:
+    """[rank 0's obj, rank 1's obj, ...] (pickled; for small things such as a rollout's token ids)."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ that returns the global norm as a plain tensor, sharded or not."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: a replicated DTensor, already global
+
+
+def full_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) for every state-dict entry, gathered one at a time (peak: one full tensor extra).
 
     Every rank must iterate to the end (each gather is a collective); all ranks get the full tensors. For an
-    in-place vLLM reload, pass buckets of these to `reload_weights`; for a checkpoint, rank 0 writes them.
+    in-place vLLM reload, pass these to `reload_weights`, which buckets them. `dtype` casts each shard before
+    gathering: fp32 master weights gathered as bf16 move half the bytes.
     """
     for name, tensor in model.state_dict().items():
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
         yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

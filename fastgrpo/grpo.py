@@ -1,10 +1,15 @@
 """GRPO: the reasoning-RL (R1 stage 2) and helpfulness-RL (stage 4) trainer, driven by one config.
 
     python -m fastgrpo.grpo configs/grpo_tiny.yaml [key=value ...]
+    torchrun --nproc-per-node 8 -m fastgrpo.grpo configs/grpo_tiny.yaml [key=value ...]   # docs/SCALING.md
 
 One step: B prompts -> G completions each from the in-process generator -> rewards -> group-normalized
 advantages -> packed micro-batches -> fused GRPO loss -> optimizer step -> the generator sees the new weights
 (shared storage: nothing to do; otherwise an in-place reload).
+
+On several ranks (FSDP2, fastgrpo.distributed) each rank generates and scores its share of the B prompts with its
+own generator, every rank then holds the whole rollout (token ids only), and each trains on its share of the
+micro-batches with losses normalized by the step's global counts: a step computes what it computes in one process.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ from tqdm import tqdm
 from fastgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs, group_advantages
 from fastgrpo_kernels.grpo_loss import truncated_is_weights
 
-from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights_, save_checkpoint
+from . import vllm_bridge
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig, load_config, to_yaml
 from .data import PromptSampler, load_prompts
+from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, full_state_dict, init_distributed,
+                          packed_backward, packed_hidden_states, reshard, shard_model, world)
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .metrics import MetricsLogger, Timer, peak_memory_mib
-from .packing import PackingStats, completion_rows, pack, packed_forward, plan_micro_batches
+from .packing import PackingStats, completion_rows, pack, plan_micro_batches
 from .rewards import OverlongPenalty, RewardModelReward, compute_rewards, resolve_reward, reward_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -50,10 +58,29 @@ def make_generator(cfg: GRPOConfig, model, tokenizer):
     g = cfg.generation
     if g.backend == "hf":
         return HFGenerator(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return VLLMGenerator(cfg.model.path, model, sync=g.sync, dtype=cfg.model.dtype,
+    # zero_copy shares storage with the trainer's parameters, which under FSDP are shards: on several ranks each
+    # rank's vLLM keeps a full copy and reloads the gathered weights after every step (sync_generator).
+    sync = g.sync if world()[1] == 1 else "reload"
+    return VLLMGenerator(cfg.model.path, model, sync=sync, dtype=generation_dtype(cfg),
                          max_model_len=cfg.data.max_prompt_length + g.max_completion_length,
                          kv_cache_gib=g.kv_cache_gib, gpu_memory_utilization=g.gpu_memory_utilization,
                          seed=cfg.train.seed)
+
+
+def generation_dtype(cfg: GRPOConfig) -> str:
+    # Under FSDP on CUDA the trainer computes in bf16 from fp32 master weights (distributed.shard_model): vLLM samples
+    # in bf16 too, and the weight sync gathers bf16, 2 bytes per parameter.
+    return "bfloat16" if world()[1] > 1 and torch.cuda.is_available() else cfg.model.dtype
+
+
+def sync_generator(generator, model, cfg: GRPOConfig) -> None:
+    """Make the generator see the trainer's weights (a no-op when it shares them or generates from the model)."""
+    if world()[1] > 1 and isinstance(generator, VLLMGenerator):
+        # Every rank gathers each full tensor in turn (a collective) and its vLLM reloads them in layer-aligned
+        # buckets: at most about one bucket of full weights beyond the shards at a time.
+        vllm_bridge.reload_weights(generator.llm, full_state_dict(model, DTYPES[generation_dtype(cfg)]))
+    else:
+        generator.sync_weights()
 
 
 def make_rewards(cfg: GRPOConfig, reward_funcs=None):
@@ -102,30 +129,45 @@ def decode(tokenizer, ids: list[int]) -> str:
 
 
 def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: GRPOConfig, step: int) -> Rollout:
+    """The step's B groups of G completions, with rewards; on several ranks every rank returns the whole rollout.
+
+    Every rank draws the same prompts (one sampler state, whatever the number of ranks, so a run resumes on any
+    number) and generates and scores its contiguous share of each round; prompt i of a round samples with seed + i
+    on any number of ranks. Groups never straddle ranks. With dynamic sampling the refill rounds run in lockstep on
+    the global count of kept groups.
+    """
     B, G = cfg.train.prompts_per_step, cfg.generation.num_generations
     g = cfg.generation
+    rank, world_size = world()
     parts, refills, kept = [], 0, 0
     while kept < B:
         batch = [sampler.next() for _ in range(B - kept)]
+        lo, hi = len(batch) * rank // world_size, len(batch) * (rank + 1) // world_size
+        mine = batch[lo:hi]
         seed = cfg.train.seed * 1_000_003 + step * 1009 + refills  # a resumed run samples what the original did
         sampling = SamplingConfig(n=G, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                  max_tokens=g.max_completion_length, ignore_eos=g.ignore_eos, seed=seed)
-        outputs = generator.generate([ids for ids, _ in batch], sampling)
-        prompts = [ex[cfg.data.prompt_column] for _, ex in batch for _ in range(G)]
-        completions = [c for group in outputs for c in group]
-        columns = {k: [ex[k] for _, ex in batch for _ in range(G)] for k in batch[0][1]}
-        columns.pop(cfg.data.prompt_column)
-        texts = [decode(tokenizer, c.token_ids) for c in completions]
-        rewards, per_func = compute_rewards(reward_funcs, weights, prompts, texts, [c.token_ids for c in completions],
-                                            columns)
-        keep = torch.ones(len(batch), dtype=torch.bool)
-        if cfg.train.dynamic_sampling and refills < cfg.train.max_refills:
-            keep = ~constant_groups(rewards, G)  # DAPO dynamic sampling: refill groups that teach nothing
-        for i in keep.nonzero().squeeze(1).tolist():
-            rows = slice(i * G, (i + 1) * G)
-            parts.append(([batch[i][0]] * G, completions[rows], rewards[rows], per_func[rows]))
-        kept += int(keep.sum())
+                                  max_tokens=g.max_completion_length, ignore_eos=g.ignore_eos, seed=seed + lo)
+        # A rank with no prompt in a refill round still generates (a stand-in, dropped): with the hf backend under
+        # FSDP each forward is a collective that every rank must join.
+        outputs = generator.generate([ids for ids, _ in mine] or [batch[0][0]], sampling)[: len(mine)]
+        keep = torch.zeros(0, dtype=torch.bool)
+        if mine:
+            prompts = [ex[cfg.data.prompt_column] for _, ex in mine for _ in range(G)]
+            completions = [c for group in outputs for c in group]
+            columns = {k: [ex[k] for _, ex in mine for _ in range(G)] for k in mine[0][1]}
+            columns.pop(cfg.data.prompt_column)
+            texts = [decode(tokenizer, c.token_ids) for c in completions]
+            rewards, per_func = compute_rewards(reward_funcs, weights, prompts, texts,
+                                                [c.token_ids for c in completions], columns)
+            keep = torch.ones(len(mine), dtype=torch.bool)
+            if cfg.train.dynamic_sampling and refills < cfg.train.max_refills:
+                keep = ~constant_groups(rewards, G)  # DAPO dynamic sampling: refill groups that teach nothing
+            for i in keep.nonzero().squeeze(1).tolist():
+                rows = slice(i * G, (i + 1) * G)
+                parts.append(([mine[i][0]] * G, completions[rows], rewards[rows], per_func[rows]))
+        kept += int(all_reduce_sum(float(keep.sum())))
         refills += 1
+    parts = [part for rank_parts in all_gather_objects(parts) for part in rank_parts]  # rank by rank
     prompt_ids = [p for part in parts for p in part[0]]
     comps = [c for part in parts for c in part[1]]
     return Rollout(prompt_ids, [c.token_ids for c in comps], [c.logprobs for c in comps],
@@ -138,32 +180,47 @@ def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: G
 
 
 def score(model, micro_batches, temperature, shape) -> torch.Tensor:
-    """Per-token log-probs of the completion tokens, (S, T) with [s, t] predicting token t+1; no gradient."""
-    out = torch.zeros(shape)
-    head = model.get_output_embeddings().weight
+    """Per-token log-probs of the completion tokens, (S, T) with [s, t] predicting token t+1; no gradient.
+
+    Fills the rows of this rank's micro-batches (on several ranks the others stay 0: this rank never reads them).
+    """
+    out = torch.zeros(shape, device=next(model.parameters()).device)
     with torch.no_grad():
-        for packed, rows, _ in micro_batches:
-            hidden = packed_forward(model.base_model, packed).last_hidden_state[0]  # (N, H)
-            logp = torch.zeros(hidden.shape[0])
+        for packed, rows, _, real in micro_batches:
+            hidden = packed_hidden_states(model, packed)  # (N, H)
+            head = model.get_output_embeddings().weight  # after the forward: under FSDP the gathered head
+            logp = torch.zeros(hidden.shape[0], device=hidden.device)
             logp[rows] = fused_linear_logprobs(hidden[rows], head, packed.targets[rows], temperature)
-            packed.scatter_into(out, logp)
+            if real:
+                packed.scatter_into(out, logp)
+    reshard(model)
     return out
 
 
 def optimize(model, ref_model, optimizer, scheduler, rollout: Rollout, advantages, cfg: GRPOConfig) -> dict:
-    """num_iterations optimizer updates on one rollout; returns the step's loss metrics."""
+    """num_iterations optimizer updates on one rollout; returns the step's loss metrics.
+
+    `rollout` and `advantages` are the whole step's. On several ranks each rank trains on its share of the
+    micro-batches, planned over all ranks (tokens balanced, the same count on each); normalizers are the step's
+    totals, gradients are summed over ranks, metrics are token-weighted over all ranks.
+    """
     L, T = cfg.loss, cfg.generation.temperature
+    rank, world_size = world()
+    device = next(model.parameters()).device
     sequences = [p + c for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
     prompt_lengths = [len(p) for p in rollout.prompt_ids]
     lengths = [len(s) for s in sequences]
     S, width = len(sequences), max(lengths)
-    plan = plan_micro_batches(lengths, cfg.train.micro_batch_tokens)[0]
+    plans = plan_micro_batches(lengths, cfg.train.micro_batch_tokens, num_ranks=world_size)
     micro_batches = []  # packed once, used by the old / reference passes and every update
-    for indices in plan:
-        packed = pack(sequences, indices, prompt_lengths)
-        micro_batches.append((packed, *completion_rows(packed)))
+    for indices in plans[rank]:
+        # An empty micro-batch (S < ranks x micro-batches) runs sequence 0 with weight 0: FSDP's gathers and
+        # reductions are collectives, so every rank runs the same number of forwards and backwards.
+        packed = pack(sequences, indices or [0], prompt_lengths).to(device)
+        micro_batches.append((packed, *completion_rows(packed), bool(indices)))
     keep_seq = ~rollout.truncated if L.mask_truncated else torch.ones(S, dtype=torch.bool)
     num_items = float(sum(len(c) for c, k in zip(rollout.completion_ids, keep_seq) if k))
+    advantages, keep_seq = advantages.to(device), keep_seq.to(device)
     loss_config = GRPOLossConfig(loss_type=L.loss_type, importance_level=L.importance_level, eps_low=L.eps_low,
                                  eps_high=L.eps_high, delta=L.delta, beta=L.beta, temperature=T,
                                  max_completion_length=cfg.generation.max_completion_length, compute_entropy=True)
@@ -175,13 +232,13 @@ def optimize(model, ref_model, optimizer, scheduler, rollout: Rollout, advantage
         rollout_logp = torch.zeros(S, width)
         for s, (p, lp) in enumerate(zip(prompt_lengths, rollout.sampling_logp)):
             rollout_logp[s, p - 1: p - 1 + len(lp)] = torch.tensor(lp)
-        is_weights = truncated_is_weights(old_logp, rollout_logp, cap=L.tis_cap)
+        is_weights = truncated_is_weights(old_logp, rollout_logp.to(device), cap=L.tis_cap)
     head = model.get_output_embeddings()
     totals, tokens, bad = {}, 0.0, 0
     for _ in range(cfg.train.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        for packed, rows, cu_seqlens in micro_batches:
-            hidden = packed_forward(model.base_model, packed).last_hidden_state[0]  # (N, H)
+        for packed, rows, cu_seqlens, real in micro_batches:
+            hidden = packed_hidden_states(model, packed)  # (N, H)
             pick = lambda per_seq: None if per_seq is None else packed.gather(per_seq)[rows]  # noqa: E731
             loss, metrics = fused_linear_grpo_loss(
                 hidden[rows], head.weight, packed.targets[rows], advantages[packed.seq_indices],
@@ -190,21 +247,25 @@ def optimize(model, ref_model, optimizer, scheduler, rollout: Rollout, advantage
             if L.loss_type in ("grpo", "dr_grpo"):
                 # these normalize by the number of sequences: a micro-batch holds k of the step's S
                 loss = loss * (len(packed.seq_indices) / S)
-            loss.backward()
-            n = float(metrics["tokens"])
+            if not real:
+                loss = loss * 0.0
+            packed_backward(model, loss)
+            n = float(metrics["tokens"]) if real else 0.0
             for k, v in metrics.items():
                 if k != "tokens":
                     totals[k] = totals.get(k, 0.0) + float(v) * n
             tokens += n
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        grad_norm = clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
         if not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)  # skip: the weights (and the generator's) stay as they were
             bad += 1
             continue
         optimizer.step()
         scheduler.step()
-    stats = PackingStats.from_plan(lengths, [plan]).as_dict()
-    return {**{f"loss/{k}": v / max(tokens, 1.0) for k, v in totals.items()}, "grad_norm": float(grad_norm),
+    names = list(totals)  # the same order on every rank: the loss's own
+    summed = all_reduce_sum(torch.tensor([totals[k] for k in names] + [tokens], dtype=torch.float64)).tolist()
+    stats = PackingStats.from_plan(lengths, plans).as_dict()
+    return {**{f"loss/{k}": v / max(summed[-1], 1.0) for k, v in zip(names, summed)}, "grad_norm": float(grad_norm),
             "bad_updates": bad, **stats}
 
 
@@ -232,16 +293,25 @@ def rollout_metrics(rollout: Rollout, advantages, reward_names, G: int) -> dict:
 
 
 def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
-    """Run (or resume) the GRPO stage described by cfg; returns the per-step metrics."""
+    """Run (or resume) the GRPO stage described by cfg; returns the per-step metrics (on every rank).
+
+    Under torchrun every rank runs this; rank 0 alone logs and writes the files outside a checkpoint's shards.
+    """
     from transformers import AutoTokenizer
 
+    device = init_distributed()
+    rank, world_size = world()
+    if cfg.train.prompts_per_step % world_size:
+        raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of the number "
+                         f"of ranks ({world_size})")
     run_dir = Path(cfg.log.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(cfg.model.path, cfg, trainable=True)
-    ref_model = load_model(cfg.model.path, cfg, trainable=False) if cfg.loss.beta else None
+    model = shard_model(load_model(cfg.model.path, cfg, trainable=True)).to(device)
+    ref_model = shard_model(load_model(cfg.model.path, cfg, trainable=False)).to(device) if cfg.loss.beta else None
     funcs, weights = make_rewards(cfg, reward_funcs)
     reward_names = [reward_name(f) for f in funcs]
     # fused: one kernel over all parameters, no parameter-sized temporaries (the default foreach path needs ~0.9x
@@ -255,17 +325,18 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
     start, bad_steps, history = 0, 0, []
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
-        load_model_weights_(model, checkpoint)
-        state = load_checkpoint(checkpoint, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
         start, bad_steps, history = state["step"], state["bad_steps"], state["history"]
         sampler.load_state(state["sampler"])
     generator = make_generator(cfg, model, tokenizer)
     if checkpoint is not None:
-        generator.sync_weights()  # a resumed model differs from the files vLLM loaded (a no-op when shared)
-    logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project)
+        sync_generator(generator, model, cfg)  # a resumed model differs from the files vLLM loaded
+    logger = (MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project)
+              if rank == 0 else None)
     B, G = cfg.train.prompts_per_step, cfg.generation.num_generations
 
-    for step in tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="grpo", disable=None):
+    for step in tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="grpo",
+                     disable=None if rank == 0 else True):
         timer = Timer()
         with timer("generation"):
             generator.wake()
@@ -275,14 +346,15 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
         with timer("training"):
             loss_metrics = optimize(model, ref_model, optimizer, scheduler, rollout, advantages, cfg)
         with timer("weight_sync"):
-            generator.sync_weights()
+            sync_generator(generator, model, cfg)
         bad_steps = bad_steps + 1 if loss_metrics["bad_updates"] == cfg.train.num_iterations else 0
         completion_tokens = sum(len(c) for c in rollout.completion_ids)
         metrics = {**rollout_metrics(rollout, advantages, reward_names, G), **loss_metrics, **timer.as_dict(),
                    "tokens_per_s": completion_tokens / max(sum(timer.as_dict().values()), 1e-9),
                    "peak_memory_mib": peak_memory_mib(), "data/skipped_long_prompts": sampler.skipped_long,
                    "lr": scheduler.get_last_lr()[0]}
-        logger.log(step, metrics)
+        if logger is not None:
+            logger.log(step, metrics)
         history.append({"step": step, **metrics})
         last = step + 1 == cfg.train.steps
         if last or (step + 1) % cfg.log.save_every == 0 or bad_steps:
@@ -291,10 +363,12 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
                                 state={"step": step + 1, "bad_steps": 0, "history": history,
                                        "sampler": sampler.state()}, keep_last=cfg.log.keep_last)
         if bad_steps >= cfg.train.max_bad_steps:
-            logger.close()
+            if logger is not None:
+                logger.close()
             raise RuntimeError(f"stopping: {bad_steps} consecutive steps with non-finite gradients; the last good "
                                f"checkpoint is {latest_checkpoint(run_dir)}")
-    logger.close()
+    if logger is not None:
+        logger.close()
     return history
 
 

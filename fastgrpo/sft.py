@@ -1,10 +1,12 @@
 """Supervised fine-tuning on prompt -> completion pairs: R1's cold start (stage 1) and its stage-3 SFT.
 
     python -m fastgrpo.sft configs/sft_tiny.yaml [key=value ...]
+    torchrun --nproc-per-node 8 -m fastgrpo.sft configs/sft_tiny.yaml [key=value ...]   # docs/SCALING.md
 
 Loss on completion tokens only, over packed micro-batches, with the fused-linear cross-entropy (the [N, V]
 logits are never materialized). A step is `sequences_per_step` examples; its micro-batches' losses are summed
-and divided by the step's completion-token count, so the gradient does not depend on how they were packed.
+and divided by the step's completion-token count, so the gradient does not depend on how they were packed, nor,
+on several ranks (FSDP2: each rank takes its share of the step's micro-batches, gradients summed), on how many.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from tqdm import tqdm
 
 from fastgrpo_kernels import fused_linear_cross_entropy
 
-from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights_, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LogConfig, ModelConfig, load_config, to_yaml
 from .data import builtin_dataset, encode_prompt
+from .distributed import (all_reduce_sum, clip_grad_norm_, init_distributed, packed_backward, packed_hidden_states,
+                          shard_model, world)
 from .metrics import MetricsLogger, Timer, peak_memory_mib
-from .packing import PackingStats, completion_rows, pack, packed_forward, plan_micro_batches
+from .packing import PackingStats, completion_rows, pack, plan_micro_batches
 
 
 @dataclass
@@ -87,52 +91,71 @@ def load_examples(cfg: SFTDataConfig, tokenizer) -> tuple[list[list[int]], list[
 
 
 def sft_step(model, optimizer, sequences, prompt_lengths, indices, cfg: SFTConfig) -> dict:
-    """One optimizer step on the examples `indices`; returns its metrics."""
+    """One optimizer step on the examples `indices` (the whole step's, on every rank); returns its metrics.
+
+    On several ranks each rank trains on its share of the micro-batches, planned over all ranks (tokens balanced,
+    the same count on each, so FSDP's collectives line up); the loss is divided by the step's token count.
+    """
+    rank, world_size = world()
+    device = next(model.parameters()).device
     lengths = [len(sequences[i]) for i in indices]
-    local_plan = plan_micro_batches(lengths, cfg.train.micro_batch_tokens)[0]  # positions in `indices`
-    plan = [[indices[j] for j in mb] for mb in local_plan]
+    plans = plan_micro_batches(lengths, cfg.train.micro_batch_tokens, num_ranks=world_size)  # positions in `indices`
     total = sum(len(sequences[i]) - prompt_lengths[i] for i in indices)  # completion tokens of the step
-    head = model.get_output_embeddings().weight
     loss_sum = 0.0
     optimizer.zero_grad(set_to_none=True)
-    for micro in plan:
-        packed = pack(sequences, micro, prompt_lengths)
-        hidden = packed_forward(model.base_model, packed).last_hidden_state[0]  # (N, H)
+    for micro in plans[rank]:
+        # An empty micro-batch (fewer examples than ranks x micro-batches) runs example 0 with weight 0: every rank
+        # must run the same forwards and backwards.
+        packed = pack(sequences, [indices[j] for j in micro or [0]], prompt_lengths).to(device)
+        hidden = packed_hidden_states(model, packed)  # (N, H)
         rows, _ = completion_rows(packed)
+        head = model.get_output_embeddings().weight  # after the forward: under FSDP the gathered head
         loss = fused_linear_cross_entropy(hidden[rows], head, packed.targets[rows], reduction="sum") / total
-        loss.backward()
+        if not micro:
+            loss = loss * 0.0
+        packed_backward(model, loss)
         loss_sum += float(loss)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+    grad_norm = clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
     if torch.isfinite(grad_norm):
         optimizer.step()
-    stats = PackingStats.from_plan(lengths, [local_plan]).as_dict()
-    return {"loss": loss_sum, "grad_norm": float(grad_norm), "tokens": total,
+    stats = PackingStats.from_plan(lengths, plans).as_dict()
+    return {"loss": all_reduce_sum(loss_sum), "grad_norm": float(grad_norm), "tokens": total,
             "skipped_update": float(not torch.isfinite(grad_norm)), **stats}
 
 
 def train(cfg: SFTConfig) -> list[dict]:
-    """Run (or resume) SFT; returns the per-step metrics. The final model is the run's latest checkpoint."""
+    """Run (or resume) SFT; returns the per-step metrics. The final model is the run's latest checkpoint.
+
+    Under torchrun every rank runs this; rank 0 alone logs and writes the files outside a checkpoint's shards.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = init_distributed()
+    rank = world()[0]
     run_dir = Path(cfg.log.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
                                                  trust_remote_code=cfg.model.trust_remote_code).train()
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = shard_model(model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   fused=True)
     sequences, prompt_lengths, skipped = load_examples(cfg.data, tokenizer)
     start, history = 0, []
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
-        load_model_weights_(model, checkpoint)
-        state = load_checkpoint(checkpoint, optimizer=optimizer)
+        state = load_checkpoint(checkpoint, model, optimizer)
         start, history = state["step"], state["history"]
-    logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project)
+    logger = (MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project)
+              if rank == 0 else None)
     B = cfg.train.sequences_per_step
-    for step in tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="sft", disable=None):
+    for step in tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="sft",
+                     disable=None if rank == 0 else True):
         # the examples of step k are a function of (seed, k) alone, so a resumed run sees what the original would
         g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
         indices = torch.randint(len(sequences), (B,), generator=g).tolist()
@@ -140,12 +163,14 @@ def train(cfg: SFTConfig) -> list[dict]:
         with timer("training"):
             metrics = sft_step(model, optimizer, sequences, prompt_lengths, indices, cfg)
         metrics.update(timer.as_dict(), peak_memory_mib=peak_memory_mib(), skipped_long_examples=skipped)
-        logger.log(step, metrics)
+        if logger is not None:
+            logger.log(step, metrics)
         history.append({"step": step, **metrics})
         if step + 1 == cfg.train.steps or (step + 1) % cfg.log.save_every == 0:
             save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer,
                             state={"step": step + 1, "history": history}, keep_last=cfg.log.keep_last)
-    logger.close()
+    if logger is not None:
+        logger.close()
     return history
 
 

@@ -175,3 +175,11 @@ def test_bad_checkpoints_give_one_line_errors_naming_the_path(tmp_path, trained)
     state_file.unlink()
     with pytest.raises(CheckpointError, match=f"{path} is incomplete: trainer_state.pt is missing"):
         load_checkpoint(path)
+
+
+def test_sharded_checkpoint_needs_the_model_to_load_its_optimizer(tmp_path, trained):
+    model, optimizer, _ = trained
+    path = save(tmp_path, 1, model, optimizer=optimizer)
+    (path / checkpoint.SHARDED).mkdir()  # what several ranks write (tests/test_distributed.py saves real ones)
+    with pytest.raises(CheckpointError, match="loads by parameter name; pass the model too"):
+        load_checkpoint(path, optimizer=optimizer)
