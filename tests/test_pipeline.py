@@ -1,0 +1,134 @@
+"""The R1 pipeline end to end on a tiny model (real vLLM, every stage in its own process), and its parts:
+rejection sampling's filters, evaluation's majority vote, stage references and resuming."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fastgrpo.config import ConfigError, load_config
+from fastgrpo.evaluate import majority_correct
+from fastgrpo.generation import Completion
+from fastgrpo.pipeline import STAGES, PipelineConfig, run
+from fastgrpo.rejection import RejectionConfig, accepted_samples, repetitive
+
+CONFIG = Path(__file__).parents[1] / "configs" / "r1_tiny.yaml"
+# Every stage a few steps: this checks the plumbing, not the learning (the README's results table does that).
+QUICK = [
+    "reward_model.train.steps=4", "cold_start.train.steps=30", "cold_start.log.save_every=30",
+    "reasoning_rl.train.steps=2", "reasoning_rl.train.prompts_per_step=4", "reasoning_rl.log.save_every=2",
+    "rejection_sampling.data.num_examples=24", "rejection_sampling.k=4",
+    "sft.train.steps=2", "sft.log.save_every=2",
+    "helpfulness_rl.train.steps=2", "helpfulness_rl.train.prompts_per_step=4", "helpfulness_rl.log.save_every=2",
+    "eval.data.eval_examples=8", "eval.k=2",
+]
+
+
+def quick_config(tmp_path, *overrides):
+    return load_config(PipelineConfig, CONFIG, [f"run_dir={tmp_path}", f"base.path={tmp_path / 'base'}", *QUICK,
+                                                *overrides])
+
+
+def test_all_stages_run_chain_and_rerun_as_no_ops(tmp_path):
+    cfg = quick_config(tmp_path)
+    table = run(cfg)
+    done = {s: json.loads((tmp_path / s / "DONE.json").read_text()) for s in STAGES}
+    # each policy stage starts from the one before: the stage config that ran names the previous output
+    for stage, previous in [("reasoning_rl", "cold_start"), ("sft", "reasoning_rl"), ("helpfulness_rl", "sft")]:
+        ran = (tmp_path / stage / "stage.yaml").read_text()
+        assert f"path: {done[previous]['output']}" in ran, stage
+    assert f"reward_model: {done['reward_model']['output']}" in (tmp_path / "helpfulness_rl" / "stage.yaml").read_text()
+    # stage 3's dataset: verified samples with their provenance, plus general rows
+    rows = [json.loads(line) for line in open(done["rejection_sampling"]["output"])]
+    sampled = [r for r in rows if r["source"] == "rejection_sampling"]
+    assert {r["source"] for r in rows} <= {"rejection_sampling", "general"}
+    assert any(r["source"] == "general" for r in rows)
+    for r in sampled:
+        assert r["provenance"]["rewards"]["accuracy"] == 1.0 and r["provenance"]["rewards"]["format"] == 1.0
+        assert r["provenance"]["model"] == done["reasoning_rl"]["output"]
+        assert r["completion"].endswith("</s>")
+    for name in ["base", "cold_start", "reasoning_rl", "sft", "helpfulness_rl"]:
+        ev = json.loads((tmp_path / "eval" / f"{name}.json").read_text())
+        assert 0 <= ev["pass@1"] <= 1 and ev["prompts"] == 8 and "helpfulness" in ev, name
+    assert table.count("\n") == 1 + 5 and (tmp_path / "RESULTS.md").read_text().count("|---|") == 1
+    assert (tmp_path / "plots" / "stages.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "reasoning_rl.png").stat().st_size > 0
+
+    logs = {s: (tmp_path / s / "stage.log").stat().st_mtime for s in STAGES}
+    assert run(cfg) == table  # finished stages are skipped, evaluations reused
+    assert logs == {s: (tmp_path / s / "stage.log").stat().st_mtime for s in STAGES}
+
+
+def test_an_interrupted_stage_resumes_from_its_checkpoint(tmp_path):
+    cfg = quick_config(tmp_path, "stages=[cold_start]", "cold_start.train.steps=4", "cold_start.log.save_every=2",
+                       "cold_start.log.keep_last=3")
+    run(cfg)
+    stage = tmp_path / "cold_start"
+    # as if it had been killed after step 2: no DONE.json, no last checkpoint
+    (stage / "DONE.json").unlink()
+    final = stage / "checkpoints" / "step-00000004"
+    for p in sorted(final.rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    final.rmdir()
+    (stage / "checkpoints" / "latest").unlink(missing_ok=True)
+    run(cfg)
+    steps = [json.loads(line)["step"] for line in open(stage / "metrics.jsonl")]
+    assert steps.count(0) == 1 and steps[-2:] == [2, 3]  # steps 2-3 ran again, 0-1 did not
+    assert json.loads((stage / "DONE.json").read_text())["output"].endswith("step-00000004")
+
+
+def test_a_stage_alone_needs_what_it_starts_from(tmp_path):
+    cfg = quick_config(tmp_path, "stages=[reasoning_rl]")
+    with pytest.raises(ConfigError, match="reasoning_rl needs the output of cold_start, which has not finished"):
+        run(cfg)
+    with pytest.raises(ConfigError, match=r"stages: unknown \['stage2'\]"):
+        run(quick_config(tmp_path, "stages=[stage2]"))
+
+
+class Scripted:
+    """A generator that answers each addition prompt with scripted texts chosen to hit every filter."""
+
+    def __init__(self, tokenizer, texts_for):
+        self.tokenizer, self.texts_for = tokenizer, texts_for
+
+    def generate(self, prompts, sampling):
+        def completion(text, reason="stop"):
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return Completion(ids, [0.0] * len(ids), reason)
+
+        out = []
+        for ids in prompts:
+            question = self.tokenizer.decode(ids).removeprefix("<|user|>").removesuffix("<|assistant|>")
+            a, b = question.removesuffix("=").split("+")
+            out.append([completion(*t) for t in self.texts_for(str(int(a) + int(b)))])
+        return out
+
+
+def test_rejection_sampling_keeps_only_verified_distinct_completions():
+    from fastgrpo.tiny import char_tokenizer
+
+    tok = char_tokenizer()
+    good = "<think>1+2=3</think>Answer: {}"
+    texts_for = lambda a: [  # noqa: E731
+        (good.format(a),), (good.format(a),),  # a duplicate
+        ("Answer: " + a,),  # no reasoning: format
+        (good.format(int(a) + 1),),  # incorrect
+        (good.format(a), "length"),  # truncated
+        ("<think>" + "1+" * 30 + "</think>Answer: " + a,),  # repetitive
+        ("<think>x</think>Answer: " + a,), ("<think>y</think>Answer: " + a,),  # correct, but one too many
+    ]
+    cfg = RejectionConfig(model="m", k=8, max_per_prompt=2, general_source=None)
+    cfg.data.num_examples = 3
+    rows, counts = accepted_samples(Scripted(tok, texts_for), tok, cfg)
+    assert counts == {"sampled": 24, "kept": 6, "duplicate": 3, "format": 3, "incorrect": 3, "truncated": 3,
+                      "repetitive": 3, "enough": 3}
+    for row in rows:
+        a = row["provenance"]["answer"]
+        assert row["completion"] in (good.format(a) + "</s>", "<think>x</think>Answer: " + a + "</s>")
+
+
+def test_repetition_and_majority_vote():
+    assert repetitive([5, 6, 7] * 10, n=3, max_repeats=4) and not repetitive(list(range(30)), n=3, max_repeats=4)
+    assert majority_correct(["3", "4", "4", None], [1.0, 0.0, 0.0, 0.0]) == 0.0
+    assert majority_correct(["3", "3", "4", None], [1.0, 1.0, 0.0, 0.0]) == 1.0
+    assert majority_correct([None, None], [0.0, 0.0]) == 0.0
