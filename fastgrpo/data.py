@@ -45,11 +45,13 @@ UNHELPFUL = ["No.", "I don't know.", "Ask someone else.", "OK."]
 def _assist(rng: random.Random, helpful_share: float = 0.5) -> dict:
     """A general (non-reasoning) request: greet someone, thank someone, or a harmful request to decline.
 
-    `chosen` is the helpful (or, for a harmful request, the harmless) answer; `rejected` is a curt non-answer,
+    `chosen` is the helpful (or, for a harmful request, the harmless) answer. A bad answer is a curt non-answer,
     harmful compliance, or a good answer to another request (another name, or another kind of request), so a
-    reward model trained on the pairs must read the prompt, not just the style of the answer. `response` is
-    what a mixed-quality general SFT set holds: the chosen answer with probability `helpful_share`, else the
-    rejected one; so SFT on it leaves room for the helpfulness RL stage.
+    reward model trained on the pairs must read the prompt, not just the style of the answer. `rejected` is a
+    bad answer or, in a third of the pairs, the chosen one garbled (characters dropped, doubled or replaced): a
+    policy that drifts into noise must not keep a high reward. `response` is what a mixed-quality general SFT set
+    holds: the chosen answer with probability `helpful_share`, else a bad one; so SFT on it leaves room for the
+    helpfulness RL stage.
 
     >>> _assist(random.Random(1))["prompt"]
     'Greet Eli.'
@@ -59,13 +61,25 @@ def _assist(rng: random.Random, helpful_share: float = 0.5) -> dict:
     prompt, chosen = _assist_pair(kind, name, item)
     miss = rng.random()
     if miss < 0.4:
-        rejected = f"Hit {name} hard." if kind == 2 and miss < 0.2 else rng.choice(UNHELPFUL)
+        bad = f"Hit {name} hard." if kind == 2 and miss < 0.2 else rng.choice(UNHELPFUL)
     elif miss < 0.7:
-        rejected = _assist_pair(kind, rng.choice([n for n in NAMES if n != name]), item)[1]
+        bad = _assist_pair(kind, rng.choice([n for n in NAMES if n != name]), item)[1]
     else:
-        rejected = _assist_pair(rng.choice([k for k in range(3) if k != kind]), name, item)[1]
-    response = chosen if rng.random() < helpful_share else rejected
+        bad = _assist_pair(rng.choice([k for k in range(3) if k != kind]), name, item)[1]
+    rejected = _garble(rng, chosen) if rng.random() < 1 / 3 else bad
+    response = chosen if rng.random() < helpful_share else bad
     return {"prompt": prompt, "task": "general", "response": response, "chosen": chosen, "rejected": rejected}
+
+
+def _garble(rng: random.Random, text: str) -> str:
+    """`text` with a quarter to a half of its characters dropped, doubled or replaced by a random letter."""
+    rate, out = rng.uniform(0.25, 0.5), []
+    for ch in text:
+        r = rng.random()
+        if r < rate / 3:
+            continue
+        out.append(ch + ch if r < 2 * rate / 3 else rng.choice("aehnotu ") if r < rate else ch)
+    return "".join(out) or "."
 
 
 def _assist_pair(kind: int, name: str, item: str) -> tuple[str, str]:

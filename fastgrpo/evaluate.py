@@ -65,6 +65,11 @@ def sample(generator, tokenizer, prompts: list, sampling: SamplingConfig) -> lis
     return [[(decode(tokenizer, c.token_ids), c.token_ids, c.finish_reason) for c in group] for group in outputs]
 
 
+def held_out(source: str) -> str | None:
+    """The split to score: a built-in task's held-out examples, else the configured data.split (e.g. test)."""
+    return "eval" if source.startswith("builtin:") else None
+
+
 def majority_correct(answers: list[str | None], correct: list[float]) -> float:
     """1.0 if the most frequent extracted answer (ties: the first seen) is a correct one; None answers abstain."""
     votes = Counter(a for a in answers if a is not None)
@@ -75,7 +80,7 @@ def majority_correct(answers: list[str | None], correct: list[float]) -> float:
 
 
 def evaluate_reasoning(generator, tokenizer, cfg: EvalConfig) -> dict:
-    ds = load_prompts(replace(cfg.data, general_source=None), split="eval")
+    ds = load_prompts(replace(cfg.data, general_source=None), split=held_out(cfg.data.source))
     k = cfg.k
     sampling = SamplingConfig(n=k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_completion_length,
                               seed=cfg.seed)
@@ -104,7 +109,7 @@ def evaluate_reasoning(generator, tokenizer, cfg: EvalConfig) -> dict:
 
 def evaluate_general(generator, tokenizer, cfg: EvalConfig) -> dict:
     data = replace(cfg.data, source=cfg.data.general_source, general_source=None, answer_column=cfg.data.prompt_column)
-    ds = load_prompts(data, split="eval")
+    ds = load_prompts(data, split=held_out(data.source))
     sampling = SamplingConfig(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_tokens=cfg.max_completion_length, seed=cfg.seed + 1)
     groups = sample(generator, tokenizer, ds[cfg.data.prompt_column], sampling)

@@ -63,6 +63,8 @@ class PipelineConfig:
     run_dir: str = "runs/r1"
     seed: int = 0  # added to every stage's training / sampling seed (data splits stay): for runs over seeds
     threads: int = 0  # torch / OpenMP threads of each stage's process (0: torch's default)
+    # how SFT and GRPO stages start, e.g. [torchrun, --nproc-per-node, "8"] (docs/SCALING.md); empty: one process
+    launcher: list[str] = field(default_factory=list)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
     reward_model: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(model=ModelConfig(path="@base")))
@@ -117,7 +119,7 @@ def stage_config(cfg: PipelineConfig, stage: str):
     node = OmegaConf.structured(getattr(cfg, stage))
 
     def walk(n):
-        for key in list(n.keys()):
+        for key in range(len(n)) if OmegaConf.is_list(n) else list(n.keys()):
             v = n[key]
             if OmegaConf.is_config(v):
                 walk(v)
@@ -147,12 +149,14 @@ def eval_config(cfg: PipelineConfig, model: str, out: Path) -> EvalConfig:
 # Running a stage
 
 
-def run_module(module: str, config, yaml_path: Path, log_path: Path, threads: int = 0) -> float:
-    """`python -m module yaml_path` in a fresh process, output to log_path; returns seconds. Raises on failure."""
+def run_module(module: str, config, yaml_path: Path, log_path: Path, threads: int = 0,
+               launcher: list[str] = ()) -> float:
+    """`python -m module yaml_path` (or `launcher -m module yaml_path`) in a fresh process, output to log_path;
+    returns seconds. Raises on failure."""
     yaml_path.parent.mkdir(parents=True, exist_ok=True)
     yaml_path.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
-    command = [sys.executable, "-m", module, str(yaml_path)]
-    print(f"    $ {' '.join(command[1:])}   (log: {log_path})", flush=True)
+    command = [*(launcher or [sys.executable]), "-m", module, str(yaml_path)]
+    print(f"    $ {' '.join(['python', *command[1:]] if not launcher else command)}   (log: {log_path})", flush=True)
     env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -190,8 +194,9 @@ def run_stage(cfg: PipelineConfig, stage: str) -> dict:
         return json.loads(done.read_text())
     print(f"  {stage}:", flush=True)
     config = stage_config(cfg, stage)
+    launcher = cfg.launcher if MODULES[stage] in ("fastgrpo.sft", "fastgrpo.grpo") else []
     seconds = run_module(MODULES[stage], config, stage_dir(cfg, stage) / "stage.yaml",
-                         stage_dir(cfg, stage) / "stage.log", cfg.threads)
+                         stage_dir(cfg, stage) / "stage.log", cfg.threads, launcher)
     record = {"stage": stage, "output": stage_output(cfg, stage, config), "seconds": seconds}
     done.write_text(json.dumps(record, indent=1))
     print(f"    done in {seconds:.0f} s -> {record['output']}", flush=True)
