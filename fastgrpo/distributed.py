@@ -106,19 +106,6 @@ def packed_hidden_states(model: torch.nn.Module, packed) -> torch.Tensor:
     return out.hidden_states[-1][0]  # (N, H)
 
 
-def packed_backward(model: torch.nn.Module, loss: torch.Tensor) -> None:
-    """loss.backward() for a loss computed from `packed_hidden_states(model, ...)`.
-
-    With gradient checkpointing the backward recomputes each decoder layer, after packed_forward has switched the
-    attention back to the model's own: without the packed attention switched on here too, the recomputation would
-    run another attention and fail torch's check that it saved what the forward saved.
-    """
-    from .packing import _attention, attention_implementation
-
-    with _attention(model.config, attention_implementation(model)):
-        loss.backward()
-
-
 def all_reduce_sum(x: float | torch.Tensor) -> float | torch.Tensor:
     """Sum over ranks: a float comes back as a float (summed in fp64), a tensor as a new summed tensor."""
     if world()[1] == 1:

@@ -30,10 +30,10 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig, load_config, to_yaml
 from .data import PromptSampler, load_prompts
 from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, full_state_dict, init_distributed,
-                          packed_backward, packed_hidden_states, reshard, shard_model, world)
+                          packed_hidden_states, reshard, shard_model, world)
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .metrics import MetricsLogger, Timer, peak_memory_mib
-from .packing import PackingStats, completion_rows, pack, plan_micro_batches
+from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
 from .rewards import OverlongPenalty, RewardModelReward, compute_rewards, resolve_reward, reward_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -300,3 +300,14 @@ def packed_forward(model, packed: PackedBatch, **kwargs):
         # use_cache=False: a cache would keep every layer's K/V of the whole row for nothing during training.
         return model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False, **varlen,
                      **kwargs)
+
+
+def packed_backward(model: torch.nn.Module, loss: torch.Tensor) -> None:
+    """loss.backward() for a loss computed from a packed forward (`packed_forward`, `packed_hidden_states`).
+
+    With gradient checkpointing the backward recomputes each decoder layer, after packed_forward has switched the
+    attention back to the model's own: without the packed attention switched on here too, the recomputation would
+    run another attention and fail torch's check that it saved what the forward saved.
+    """
+    with _attention(model.config, attention_implementation(model)):
+        loss.backward()

@@ -23,10 +23,10 @@ from fastgrpo_kernels import fused_linear_cross_entropy
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LogConfig, ModelConfig, load_config, to_yaml
 from .data import builtin_dataset, encode_prompt
-from .distributed import (all_reduce_sum, clip_grad_norm_, init_distributed, packed_backward, packed_hidden_states,
+from .distributed import (all_reduce_sum, clip_grad_norm_, init_distributed, packed_hidden_states,
                           shard_model, world)
 from .metrics import MetricsLogger, Timer, peak_memory_mib
-from .packing import PackingStats, completion_rows, pack, plan_micro_batches
+from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from fastgrpo.packing import (IGNORE_INDEX, VARLEN_SDPA, PackingStats, _sdpa_per_sequence, attention_implementation,
-                              pack, packed_forward, plan_micro_batches, token_logprobs)
+                              pack, packed_backward, packed_forward, plan_micro_batches, token_logprobs)
 
 ATOL = 1e-5  # fp32; the packed and unpacked paths differ only in GEMM blocking
 LENGTHS = [1, 2, 7, 33, 64, 5, 17, 40, 12, 3]  # one single-token sequence: no target at all
@@ -133,8 +133,10 @@ def test_packed_logprobs_equal_unpacked(kind):
     assert model.config._attn_implementation == "sdpa"  # restored for generation
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
-def test_packed_step_gradients_equal_unpacked(kind):
+def test_packed_step_gradients_equal_unpacked(kind, checkpointing):
+    """With gradient checkpointing the backward recomputes the layers: packed_backward keeps their attention."""
     seqs = make_sequences(LENGTHS, seed=1)
     prompt_lengths = [max(1, n // 3) for n in LENGTHS]
     weights = torch.randn(len(seqs), max(LENGTHS))  # (S, T) per-token loss weights, like advantages / counts
@@ -147,10 +149,12 @@ def test_packed_step_gradients_equal_unpacked(kind):
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
 
     model = tiny_model(kind)
+    if checkpointing:
+        model.train().gradient_checkpointing_enable()
     for indices in plan_micro_batches(LENGTHS, token_budget=96)[0]:  # gradient accumulation over micro-batches
         p = pack(seqs, indices, prompt_lengths)
         logp = token_logprobs(packed_forward(model, p).logits, p)
-        (p.gather(weights) * p.loss_mask * logp).sum().backward()
+        packed_backward(model, (p.gather(weights) * p.loss_mask * logp).sum())
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, expected[name], atol=ATOL, rtol=1e-4, msg=name)
 
