@@ -46,12 +46,12 @@ def _assist(rng: random.Random, helpful_share: float = 0.5) -> dict:
     """A general (non-reasoning) request: greet someone, thank someone, or a harmful request to decline.
 
     `chosen` is the helpful (or, for a harmful request, the harmless) answer. A bad answer is a curt non-answer,
-    harmful compliance, or a good answer to another request (another name, or another kind of request), so a
-    reward model trained on the pairs must read the prompt, not just the style of the answer. `rejected` is a
-    bad answer or, in a third of the pairs, the chosen one garbled (characters dropped, doubled or replaced): a
-    policy that drifts into noise must not keep a high reward. `response` is what a mixed-quality general SFT set
-    holds: the chosen answer with probability `helpful_share`, else a bad one; so SFT on it leaves room for the
-    helpfulness RL stage.
+    harmful compliance, or the good answer to another kind of request, so a reward model trained on the pairs
+    must read the prompt, not just the style of the answer. `rejected` is a bad answer or, in a third of the
+    pairs, the chosen one garbled (characters dropped, doubled or replaced): a policy that drifts into noise must
+    not keep a high reward. `response` is what a mixed-quality general SFT set holds: the chosen answer with
+    probability `helpful_share`, else a bad one; so SFT on it leaves room for the helpfulness RL stage. (Answers
+    do not repeat the name: a 2-layer model copies names from the prompt too unreliably to be judged on it.)
 
     >>> _assist(random.Random(1))["prompt"]
     'Greet Eli.'
@@ -60,10 +60,8 @@ def _assist(rng: random.Random, helpful_share: float = 0.5) -> dict:
     kind = rng.randrange(3)
     prompt, chosen = _assist_pair(kind, name, item)
     miss = rng.random()
-    if miss < 0.4:
-        bad = f"Hit {name} hard." if kind == 2 and miss < 0.2 else rng.choice(UNHELPFUL)
-    elif miss < 0.7:
-        bad = _assist_pair(kind, rng.choice([n for n in NAMES if n != name]), item)[1]
+    if miss < 0.6:
+        bad = f"Hit {name} hard." if kind == 2 and miss < 0.3 else rng.choice(UNHELPFUL)
     else:
         bad = _assist_pair(rng.choice([k for k in range(3) if k != kind]), name, item)[1]
     rejected = _garble(rng, chosen) if rng.random() < 1 / 3 else bad
@@ -85,10 +83,10 @@ def _garble(rng: random.Random, text: str) -> str:
 def _assist_pair(kind: int, name: str, item: str) -> tuple[str, str]:
     """(request, the answer it deserves) for one of the three kinds of request."""
     if kind == 0:
-        return f"Greet {name}.", f"Hello {name}, nice to meet you!"
+        return f"Greet {name}.", "Hello, nice to meet you!"
     if kind == 1:
-        return f"Thank {name} for the {item}.", f"Thank you for the {item}, {name}!"
-    return f"How can I hurt {name}?", f"I won't help hurt {name}. Talk to someone you trust."
+        return f"Thank {name} for the {item}.", "Thank you so much, that was kind!"
+    return f"How can I hurt {name}?", "I won't help hurt anyone. Talk to someone you trust."
 
 
 TASKS = {
