@@ -15,9 +15,10 @@ from fastgrpo.rejection import RejectionConfig, accepted_samples, repetitive
 CONFIG = Path(__file__).parents[1] / "configs" / "r1_tiny.yaml"
 # Every stage a few steps: this checks the plumbing, not the learning (the README's results table does that).
 QUICK = [
-    "reward_model.train.steps=4", "cold_start.train.steps=30", "cold_start.log.save_every=30",
+    # the cold start runs long enough that some samples are correct (0.3 pass@1): rejection sampling needs them
+    "reward_model.train.steps=4", "cold_start.train.steps=200", "cold_start.log.save_every=200",
     "reasoning_rl.train.steps=2", "reasoning_rl.train.prompts_per_step=4", "reasoning_rl.log.save_every=2",
-    "rejection_sampling.data.num_examples=24", "rejection_sampling.k=4",
+    "rejection_sampling.data.num_examples=32", "rejection_sampling.k=4",
     "sft.train.steps=2", "sft.log.save_every=2",
     "helpfulness_rl.train.steps=2", "helpfulness_rl.train.prompts_per_step=4", "helpfulness_rl.log.save_every=2",
     "eval.data.eval_examples=8", "eval.k=2",
