@@ -20,7 +20,7 @@ def model_path(tmp_path_factory):
 def make_cfg(model_path, run_dir, *overrides):
     return load_config(RewardModelConfig, None, [
         f"model.path={model_path}", f"log.run_dir={run_dir}", "log.tensorboard=false", "data.num_examples=400",
-        "data.eval_examples=64", "data.max_length=96", "train.steps=20", "train.pairs_per_step=16",
+        "data.eval_examples=64", "data.max_length=96", "train.steps=50", "train.pairs_per_step=16",
         "train.lr=1e-3", *overrides,
     ])
 
