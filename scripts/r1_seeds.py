@@ -31,7 +31,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     base = load_config(PipelineConfig, args.config, args.overrides)
     results = {}
     for seed in args.seeds:
