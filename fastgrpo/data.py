@@ -177,6 +177,13 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
+def decode(tokenizer, ids: list[int]) -> str:
+    """A completion's text. Special tokens such as <think> carry the format the rewards check, so only EOS and
+    padding are dropped."""
+    drop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return tokenizer.decode([t for t in ids if t not in drop], skip_special_tokens=False)
+
+
 @dataclass
 class PromptSampler:
     """Prompts in a seeded, reshuffled-per-epoch order; (epoch, position) is all a resume needs."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import DataConfig, RewardConfig, load_cli_config
-from .data import encode_prompt, load_prompts
+from .data import decode, encode_prompt, load_prompts
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .rewards import FormatReward, RewardModelReward, accuracy_reward, compute_rewards, extract_answer, resolve_reward
 
@@ -59,8 +59,6 @@ def make_sampler_llm(cfg: EvalConfig):
 
 def sample(generator, tokenizer, prompts: list, sampling: SamplingConfig) -> list[list]:
     """k completions per prompt: (text, token ids, finish reason), the text with special tokens but no EOS."""
-    from .grpo import decode
-
     outputs = generator.generate([encode_prompt(tokenizer, p) for p in prompts], sampling)
     return [[(decode(tokenizer, c.token_ids), c.token_ids, c.finish_reason) for c in group] for group in outputs]
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import vllm_bridge
+from .distributed import full_state_dict
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class VLLMGenerator:
                                           kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization,
                                           enable_sleep_mode=torch.cuda.is_available())
         self.model, self.sync = model, sync
+        self.dtype = None if dtype == "auto" else getattr(torch, dtype)  # what vLLM computes in
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id
         if sync == "zero_copy":
             vllm_bridge.share_weights(self.llm, model)
@@ -81,7 +83,9 @@ class VLLMGenerator:
             return 0.0
         if self.sync == "none":
             raise RuntimeError("this generator has no trainer model to take weights from (sync='none')")
-        return vllm_bridge.reload_weights(self.llm, self.model.state_dict().items())
+        # Full tensors, gathered one at a time when the trainer holds FSDP shards (a no-op otherwise), cast to vLLM's
+        # dtype before the gather: fp32 master weights move as bf16, half the bytes.
+        return vllm_bridge.reload_weights(self.llm, full_state_dict(self.model, self.dtype))
 
     def sleep(self):
         vllm_bridge.sleep(self.llm)

@@ -25,11 +25,10 @@ from tqdm import tqdm
 from fastgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs, group_advantages
 from fastgrpo_kernels.grpo_loss import truncated_is_weights
 
-from . import vllm_bridge
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig, load_config, to_yaml
-from .data import PromptSampler, load_prompts
-from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, full_state_dict, init_distributed,
+from .data import PromptSampler, decode, load_prompts
+from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, init_distributed,
                           packed_hidden_states, reshard, shard_model, world)
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .metrics import MetricsLogger, Timer, peak_memory_mib
@@ -59,7 +58,7 @@ def make_generator(cfg: GRPOConfig, model, tokenizer):
     if g.backend == "hf":
         return HFGenerator(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     # zero_copy shares storage with the trainer's parameters, which under FSDP are shards: on several ranks each
-    # rank's vLLM keeps a full copy and reloads the gathered weights after every step (sync_generator).
+    # rank's vLLM keeps a full copy and reloads the gathered weights after every step.
     sync = g.sync if world()[1] == 1 else "reload"
     return VLLMGenerator(cfg.model.path, model, sync=sync, dtype=generation_dtype(cfg),
                          max_model_len=cfg.data.max_prompt_length + g.max_completion_length,
@@ -71,16 +70,6 @@ def generation_dtype(cfg: GRPOConfig) -> str:
     # Under FSDP on CUDA the trainer computes in bf16 from fp32 master weights (distributed.shard_model): vLLM samples
     # in bf16 too, and the weight sync gathers bf16, 2 bytes per parameter.
     return "bfloat16" if world()[1] > 1 and torch.cuda.is_available() else cfg.model.dtype
-
-
-def sync_generator(generator, model, cfg: GRPOConfig) -> None:
-    """Make the generator see the trainer's weights (a no-op when it shares them or generates from the model)."""
-    if world()[1] > 1 and isinstance(generator, VLLMGenerator):
-        # Every rank gathers each full tensor in turn (a collective) and its vLLM reloads them in layer-aligned
-        # buckets: at most about one bucket of full weights beyond the shards at a time.
-        vllm_bridge.reload_weights(generator.llm, full_state_dict(model, DTYPES[generation_dtype(cfg)]))
-    else:
-        generator.sync_weights()
 
 
 def make_rewards(cfg: GRPOConfig, reward_funcs=None):
@@ -120,12 +109,6 @@ class Rollout:
     rewards: torch.Tensor  # (S,) weighted sum; NaN where no function applied
     per_func: torch.Tensor  # (S, F)
     refills: int = 0
-
-
-def decode(tokenizer, ids: list[int]) -> str:
-    # Special tokens such as <think> carry the format the rewards check, so only EOS / padding are dropped.
-    drop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    return tokenizer.decode([t for t in ids if t not in drop], skip_special_tokens=False)
 
 
 def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: GRPOConfig, step: int) -> Rollout:
@@ -330,7 +313,7 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
         sampler.load_state(state["sampler"])
     generator = make_generator(cfg, model, tokenizer)
     if checkpoint is not None:
-        sync_generator(generator, model, cfg)  # a resumed model differs from the files vLLM loaded
+        generator.sync_weights()  # a resumed model differs from the files vLLM loaded
     logger = (MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project)
               if rank == 0 else None)
     B, G = cfg.train.prompts_per_step, cfg.generation.num_generations
@@ -346,7 +329,7 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
         with timer("training"):
             loss_metrics = optimize(model, ref_model, optimizer, scheduler, rollout, advantages, cfg)
         with timer("weight_sync"):
-            sync_generator(generator, model, cfg)
+            generator.sync_weights()
         bad_steps = bad_steps + 1 if loss_metrics["bad_updates"] == cfg.train.num_iterations else 0
         completion_tokens = sum(len(c) for c in rollout.completion_ids)
         metrics = {**rollout_metrics(rollout, advantages, reward_names, G), **loss_metrics, **timer.as_dict(),

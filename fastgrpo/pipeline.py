@@ -90,10 +90,16 @@ def stage_dir(cfg: PipelineConfig, stage: str) -> Path:
     return Path(cfg.run_dir) / stage
 
 
+def finished(cfg: PipelineConfig, stage: str) -> dict | None:
+    """A finished stage's record ({"stage", "output", "seconds"}) from its DONE.json, or None."""
+    done = stage_dir(cfg, stage) / "DONE.json"
+    return json.loads(done.read_text()) if done.exists() else None
+
+
 def output_of(cfg: PipelineConfig, stage: str) -> str | None:
     """The recorded output of a finished stage, or None."""
-    done = stage_dir(cfg, stage) / "DONE.json"
-    return json.loads(done.read_text())["output"] if done.exists() else None
+    record = finished(cfg, stage)
+    return None if record is None else record["output"]
 
 
 def resolve(cfg: PipelineConfig, stage: str, value: str) -> str:
@@ -188,17 +194,17 @@ def evaluate_model(cfg: PipelineConfig, name: str, model: str) -> dict:
 
 
 def run_stage(cfg: PipelineConfig, stage: str) -> dict:
-    done = stage_dir(cfg, stage) / "DONE.json"
-    if done.exists():
+    record = finished(cfg, stage)
+    if record is not None:
         print(f"  {stage}: finished earlier, skipped", flush=True)
-        return json.loads(done.read_text())
+        return record
     print(f"  {stage}:", flush=True)
     config = stage_config(cfg, stage)
     launcher = cfg.launcher if MODULES[stage] in ("fastgrpo.sft", "fastgrpo.grpo") else []
     seconds = run_module(MODULES[stage], config, stage_dir(cfg, stage) / "stage.yaml",
                          stage_dir(cfg, stage) / "stage.log", cfg.threads, launcher)
     record = {"stage": stage, "output": stage_output(cfg, stage, config), "seconds": seconds}
-    done.write_text(json.dumps(record, indent=1))
+    (stage_dir(cfg, stage) / "DONE.json").write_text(json.dumps(record, indent=1))
     print(f"    done in {seconds:.0f} s -> {record['output']}", flush=True)
     return record
 
@@ -283,20 +289,19 @@ def run(cfg: PipelineConfig) -> str:
     (run_dir / "pipeline.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     build_base(cfg)
     print(f"R1 pipeline in {run_dir}: {', '.join(cfg.stages)}", flush=True)
-    records = {}
     for stage in STAGES:
         if stage in cfg.stages:
-            records[stage] = run_stage(cfg, stage)
+            record = run_stage(cfg, stage)
             if stage in POLICY_STAGES:
-                evaluate_model(cfg, stage, records[stage]["output"])
+                evaluate_model(cfg, stage, record["output"])
     rows = [("base", evaluate_model(cfg, "base", cfg.base.path), None)]
     for stage in POLICY_STAGES:
-        model = output_of(cfg, stage)
-        if model is not None:
-            seconds = json.loads((stage_dir(cfg, stage) / "DONE.json").read_text())["seconds"]
-            if stage == "sft" and output_of(cfg, "rejection_sampling"):
-                seconds += json.loads((stage_dir(cfg, "rejection_sampling") / "DONE.json").read_text())["seconds"]
-            rows.append((stage, evaluate_model(cfg, stage, model), seconds))
+        record = finished(cfg, stage)
+        if record is not None:
+            seconds = record["seconds"]
+            if stage == "sft" and finished(cfg, "rejection_sampling"):
+                seconds += finished(cfg, "rejection_sampling")["seconds"]
+            rows.append((stage, evaluate_model(cfg, stage, record["output"]), seconds))
     table = results_table(rows, cfg.eval.k)
     note = (f"Held-out evaluation: {cfg.eval.data.eval_examples} reasoning prompts ({cfg.eval.data.source}) and as "
             f"many general ones ({cfg.eval.data.general_source}), k={cfg.eval.k} samples each at temperature "

@@ -55,6 +55,25 @@ def repetitive(token_ids: list[int], n: int = 8, max_repeats: int = 4) -> bool:
     return bool(grams) and max(grams.values()) > max_repeats
 
 
+def rejection_reason(text, ids, finish, accuracy, form, language, seen: set, cfg: RejectionConfig) -> str | None:
+    """Why a sample is not kept (the first failed check), or None to keep it; `seen` holds the prompt's kept texts."""
+    if accuracy != 1.0:
+        return "incorrect"
+    if form != 1.0:
+        return "format"
+    if finish == "length":
+        return "truncated"
+    if language is not None and language < cfg.min_language_consistency:
+        return "language"
+    if repetitive(ids, max_repeats=cfg.max_ngram_repeats):
+        return "repetitive"
+    if text in seen:
+        return "duplicate"
+    if len(seen) >= cfg.max_per_prompt:
+        return "enough"
+    return None
+
+
 def accepted_samples(generator, tokenizer, cfg: RejectionConfig) -> tuple[list[dict], dict]:
     """(rows of accepted completions, counts of why the others were rejected)."""
     ds = load_prompts(replace(cfg.data, general_source=None))
@@ -72,10 +91,7 @@ def accepted_samples(generator, tokenizer, cfg: RejectionConfig) -> tuple[list[d
         seen = set()
         for (text, ids, finish), acc, form, lang in zip(group, correct, formed, language):
             counts["sampled"] += 1
-            reason = ("incorrect" if acc != 1.0 else "format" if form != 1.0 else "truncated" if finish == "length"
-                      else "language" if lang is not None and lang < cfg.min_language_consistency
-                      else "repetitive" if repetitive(ids, max_repeats=cfg.max_ngram_repeats)
-                      else "duplicate" if text in seen else "enough" if len(seen) >= cfg.max_per_prompt else None)
+            reason = rejection_reason(text, ids, finish, acc, form, lang, seen, cfg)
             counts[reason or "kept"] += 1
             if reason is None:
                 seen.add(text)
@@ -98,9 +114,12 @@ def general_rows(cfg: RejectionConfig, num_reasoning: int, eos: str) -> list[dic
     if cfg.general_response_column not in ds.column_names:
         raise ValueError(f"dataset {cfg.general_source!r} has no column {cfg.general_response_column!r} "
                          f"(columns: {', '.join(ds.column_names)})")
-    return [{"prompt": ex[cfg.data.prompt_column], "completion": ex[cfg.general_response_column] + eos,
-             "source": "general", "provenance": {"dataset": cfg.general_source, "row": i % len(ds)}}
-            for i, ex in ((i, ds[i % len(ds)]) for i in range(n))]
+    rows = []
+    for i in range(n):  # a dataset smaller than n is cycled
+        ex = ds[i % len(ds)]
+        rows.append({"prompt": ex[cfg.data.prompt_column], "completion": ex[cfg.general_response_column] + eos,
+                     "source": "general", "provenance": {"dataset": cfg.general_source, "row": i % len(ds)}})
+    return rows
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:
