@@ -54,6 +54,9 @@ class GenerationConfig:
     kv_cache_gib: float = 0.25  # CPU KV cache; CUDA uses gpu_memory_utilization
     ignore_eos: bool = False  # every completion runs to max_completion_length (benchmarks)
     gpu_memory_utilization: float = 0.3
+    # vLLM tensor parallel size (vllm only): each group of this many consecutive ranks runs one vLLM that splits the
+    # weights over them, for a model that does not fit one GPU; must divide the number of ranks. docs/SCALING.md
+    tensor_parallel_size: int = 1
 
 
 @dataclass

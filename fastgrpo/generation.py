@@ -61,7 +61,7 @@ class VLLMGenerator:
     """
 
     def __init__(self, model_path, model=None, sync="auto", dtype="auto", max_model_len=2048,
-                 kv_cache_gib=1.0, gpu_memory_utilization=0.3, seed=0):
+                 kv_cache_gib=1.0, gpu_memory_utilization=0.3, seed=0, tensor_parallel_size=1):
         if sync == "auto":
             sync = "zero_copy" if torch.cuda.is_available() else "reload"
         if sync not in ("zero_copy", "reload", "none"):
@@ -70,7 +70,8 @@ class VLLMGenerator:
             raise ValueError(f"sync={sync!r} needs the trainer's model (to share weights with, or to copy them from)")
         self.llm = vllm_bridge.create_llm(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                                           kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization,
-                                          enable_sleep_mode=torch.cuda.is_available())
+                                          enable_sleep_mode=torch.cuda.is_available(),
+                                          tensor_parallel_size=tensor_parallel_size)
         self.model, self.sync = model, sync
         self.dtype = None if dtype == "auto" else getattr(torch, dtype)  # what vLLM computes in
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id

@@ -55,15 +55,22 @@ def load_model(path, cfg: GRPOConfig, trainable: bool):
 
 def make_generator(cfg: GRPOConfig, model, tokenizer):
     g = cfg.generation
+    world_size = world()[1]
+    if g.tensor_parallel_size < 1 or world_size % g.tensor_parallel_size:
+        raise ValueError(f"generation.tensor_parallel_size={g.tensor_parallel_size} must divide the number of ranks "
+                         f"({world_size})")
     if g.backend == "hf":
+        if g.tensor_parallel_size > 1:
+            raise ValueError("generation.tensor_parallel_size > 1 needs generation.backend=vllm")
         return HFGenerator(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     # zero_copy shares storage with the trainer's parameters, which under FSDP are shards: on several ranks each
-    # rank's vLLM keeps a full copy and reloads the gathered weights after every step.
-    sync = g.sync if world()[1] == 1 else "reload"
+    # rank's vLLM keeps a full copy (or its tensor-parallel slice) and reloads the gathered full weights after every
+    # step; vLLM's loader cuts its slice out of each full tensor.
+    sync = g.sync if world_size == 1 else "reload"
     return VLLMGenerator(cfg.model.path, model, sync=sync, dtype=generation_dtype(cfg),
                          max_model_len=cfg.data.max_prompt_length + g.max_completion_length,
                          kv_cache_gib=g.kv_cache_gib, gpu_memory_utilization=g.gpu_memory_utilization,
-                         seed=cfg.train.seed)
+                         seed=cfg.train.seed, tensor_parallel_size=g.tensor_parallel_size)
 
 
 def generation_dtype(cfg: GRPOConfig) -> str:
@@ -115,24 +122,32 @@ def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: G
     """The step's B groups of G completions, with rewards; on several ranks every rank returns the whole rollout.
 
     Every rank draws the same prompts (one sampler state, whatever the number of ranks, so a run resumes on any
-    number) and generates and scores its contiguous share of each round; prompt i of a round samples with seed + i
-    on any number of ranks. Groups never straddle ranks. With dynamic sampling the refill rounds run in lockstep on
-    the global count of kept groups.
+    number) and scores its contiguous share of each round; prompt i of a round samples with seed + i on any number
+    of ranks. Groups never straddle ranks. With dynamic sampling the refill rounds run in lockstep on the global
+    count of kept groups.
+
+    Generation: each rank generates its own share, or, with generation.tensor_parallel_size = k > 1, each group of
+    k consecutive ranks is one vLLM and every rank of it generates the group's share (its ranks' shares together)
+    with the same seeds, then keeps its own slice: each completion is scored, and gathered, once.
     """
     B, G = cfg.train.prompts_per_step, cfg.generation.num_generations
     g = cfg.generation
     rank, world_size = world()
+    first = rank - rank % g.tensor_parallel_size  # the first rank of this rank's tensor-parallel group
     parts, refills, kept = [], 0, 0
     while kept < B:
         batch = [sampler.next() for _ in range(B - kept)]
-        lo, hi = len(batch) * rank // world_size, len(batch) * (rank + 1) // world_size
+        bounds = [len(batch) * r // world_size for r in range(world_size + 1)]  # rank r: batch[bounds[r]:bounds[r+1]]
+        lo, hi = bounds[rank], bounds[rank + 1]
         mine = batch[lo:hi]
+        group_lo, group_hi = bounds[first], bounds[first + g.tensor_parallel_size]
         seed = cfg.train.seed * 1_000_003 + step * 1009 + refills  # a resumed run samples what the original did
         sampling = SamplingConfig(n=G, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                  max_tokens=g.max_completion_length, ignore_eos=g.ignore_eos, seed=seed + lo)
+                                  max_tokens=g.max_completion_length, ignore_eos=g.ignore_eos, seed=seed + group_lo)
         # A rank with no prompt in a refill round still generates (a stand-in, dropped): with the hf backend under
         # FSDP each forward is a collective that every rank must join.
-        outputs = generator.generate([ids for ids, _ in mine] or [batch[0][0]], sampling)[: len(mine)]
+        outputs = generator.generate([ids for ids, _ in batch[group_lo:group_hi]] or [batch[0][0]], sampling)
+        outputs = outputs[lo - group_lo: hi - group_lo]
         keep = torch.zeros(0, dtype=torch.bool)
         if mine:
             prompts = [ex[cfg.data.prompt_column] for _, ex in mine for _ in range(G)]

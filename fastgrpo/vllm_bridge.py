@@ -44,11 +44,16 @@ def check_version() -> str:
 
 def create_llm(model_path: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int = 2048,
                kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False,
-               enforce_eager: bool = True):
+               enforce_eager: bool = True, tensor_parallel_size: int = 1):
     """vllm.LLM inside this process (no engine subprocess), log-probs after temperature ("processed").
 
     kv_cache_gib sizes the CPU KV cache (vLLM would otherwise take most of free memory);
     gpu_memory_utilization is the CUDA equivalent.
+
+    tensor_parallel_size > 1: under torchrun, each group of that many consecutive ranks is one vLLM instance
+    ("external_launcher": every rank of a group runs its own engine on its slice of the weights, on the process
+    group torchrun set up). The ranks of a group must call generate with the same prompts and seeds; their engines
+    then schedule and sample alike and return the same outputs.
     """
     check_version()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: weights can be shared
@@ -59,6 +64,11 @@ def create_llm(model_path: str, *, dtype: str = "auto", seed: int = 0, max_model
 
     kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
                   enforce_eager=enforce_eager, logprobs_mode="processed_logprobs")
+    if tensor_parallel_size > 1:
+        # vLLM reads RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (torchrun's) and cuts the world into TP groups
+        # of consecutive ranks. The engine seed (for requests without their own) must be equal within a group: pass
+        # the same on every rank.
+        kwargs.update(tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher")
     if torch.cuda.is_available():
         kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode)
     else:
