@@ -3,7 +3,8 @@ import torch
 from conftest import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastgrpo_kernels import GRPOLossConfig, fused_linear_cross_entropy, fused_linear_grpo_loss, fused_linear_logprobs
+from fastgrpo_kernels import (GRPOLossConfig, fused_linear, fused_linear_cross_entropy, fused_linear_grpo_loss,
+                              fused_linear_logprobs)
 from fastgrpo_kernels.grpo_loss import grpo_loss_reference
 from fastgrpo_kernels.logprobs import selective_logprobs_reference
 
@@ -32,15 +33,31 @@ def leaves(*tensors, grad=True):
 
 
 class CountMatmuls(TorchDispatchMode):
+    """Multiply-adds of every matrix product run inside it."""
+
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.macs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm_.default,
-                    torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
-            self.count += 1
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out):
+            a, b = args[0], args[1]
+        elif func in (torch.ops.aten.addmm_.default, torch.ops.aten.addmm.default):
+            a, b = args[1], args[2]
+        else:
+            return func(*args, **(kwargs or {}))
+        self.macs += a.shape[0] * a.shape[1] * b.shape[1]
         return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(autouse=True, params=["one_tile", "many_tiles", "mid_tiles"])
+def vocab_tiles(request, monkeypatch):
+    """The torch path sweeps each chunk's vocabulary in cache-sized tiles: at these sizes one tile, unless the
+    tile budget shrinks: to the minimum width (128: ten tiles over V = 1271, the last one ragged), or to 384-wide
+    tiles for the 4-row chunks (four, the last one ragged; 128 for the 16-row chunks of the no-gradient sweeps)."""
+    if request.param != "one_tile":
+        monkeypatch.setattr(fused_linear, "TILE_BYTES", 1 if request.param == "many_tiles" else 4 * 4 * 384)
+    return request.param
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
@@ -81,17 +98,17 @@ def test_packed_and_frozen_head(backend):
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-def test_three_matmuls_per_chunk(frozen):
-    """Token-level loss: z = hW^T, dh = dz W, dW = dz^T h per chunk, and no recompute; frozen head: two."""
+def test_three_matmuls(frozen):
+    """Token-level loss: exactly the work of z = hW^T, dh = dz W and dW = dz^T h, nothing recomputed; frozen
+    head: the first two."""
     hidden, weight, ids, mask, old, ref, adv = make_inputs()
     h, w = leaves(hidden, weight)
     w.requires_grad_(not frozen)
-    chunks = -(-B * T // 4)
     with CountMatmuls() as counter:
         loss, _ = fused_linear_grpo_loss(h, w, ids, adv, mask, old, ref, GRPOLossConfig(beta=0.04), backend="torch",
                                          chunk_bytes=SMALL_CHUNK)
         loss.backward()
-    assert counter.count == chunks * (2 if frozen else 3)
+    assert counter.macs == B * T * V * H * (2 if frozen else 3)
 
 
 def test_logprobs_and_cross_entropy(backend):

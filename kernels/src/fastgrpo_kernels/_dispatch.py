@@ -22,10 +22,11 @@ BACKENDS = ("triton", "torch")
 
 # Default budget for one chunk of logits. CPU: every chunk's dW += dz^T h reads and writes all of dW (V x H),
 # so small chunks turn that GEMM memory-bound; measured at N=2048, H=896, V=151,936 (fp32, 2 cores) the fused
-# GRPO loss took 1.13-1.21x the three-matmul floor at 64 MiB, 1.02-1.09x at 128 MiB, 1.00-1.03x at 192 MiB.
-# 128 MiB keeps the op's extra memory (one chunk plus O(N) vectors) well under 256 MiB. CUDA: larger, because each chunk also pays ~30 small kernel launches
-# for the O(chunk) loss math, which at 64 MiB (~220 rows of a 152k vocab) would cost a noticeable share of the
-# GEMM time.
+# GRPO loss took 1.13-1.21x the three-matmul floor at 64 MiB, 1.02-1.09x at 128 MiB, 1.00-1.03x at 192 MiB
+# (before the vocabulary tiles; with them, at N=1024, H=512: ~1.0x at 128 MiB and 256 MiB alike). 128 MiB keeps
+# the op's extra memory (one chunk plus O(N) vectors) well under 256 MiB. CUDA: larger, because each chunk also
+# pays ~30 small kernel launches for the O(chunk) loss math, which at 64 MiB (~220 rows of a 152k vocab) would
+# cost a noticeable share of the GEMM time.
 DEFAULT_CHUNK_BYTES = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20}
 
 
