@@ -45,7 +45,7 @@ class DataConfig:
 @dataclass
 class GenerationConfig:
     backend: str = "vllm"  # vllm | hf
-    sync: str = "auto"  # auto | zero_copy | reload (vllm only); auto: zero_copy on CUDA, reload on CPU
+    sync: str = "auto"  # auto | zero_copy | reload (vllm only); auto: zero_copy where the weights can be shared
     num_generations: int = 8  # G
     temperature: float = 1.0
     top_p: float = 1.0

@@ -27,7 +27,9 @@ class SamplingConfig:
     top_k: int = 0  # 0: off
     max_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's EOS
-    seed: int | None = None  # prompt i of a call samples with seed + i
+    # completion j of prompt i samples with seed + i * n + j (vLLM seeds a request's j-th sample seed + j): every
+    # sample of a call has its own seed
+    seed: int | None = None
     ignore_eos: bool = False  # never stop early: every completion gets max_tokens (benchmarks)
 
     def __post_init__(self):
@@ -50,21 +52,19 @@ class Completion:
 class VLLMGenerator:
     """vLLM in process. `model` is the trainer's transformers model loaded from the same `model_path`.
 
-    sync="zero_copy" shares storage with `model`: no copy, nothing to sync. "reload" keeps vLLM's own weights and
-    copies the trainer's into them in place on `sync_weights()`. "auto" (the default) is zero_copy on CUDA and
-    reload on CPU: vLLM-CPU computes from oneDNN-packed copies of its weights, which a shared plain weight gives up.
-    Measured on a 180M-parameter Qwen2 (151,936 vocabulary, fp32, 2 cores, 64 sequences x 64 tokens): packed
-    415 tokens/s + 1.8 s reload per step against shared 288 tokens/s + no sync (the LM-head GEMM at decode shapes
-    runs ~3x faster packed); reload costs a second copy of the weights in memory (bench/GENERATION.md).
+    sync="zero_copy" shares storage with `model`: no copy of the weights, nothing to copy after an optimizer step
+    (on CPU, vLLM's oneDNN-packed copies of its linear layers are rebuilt from the shared weights instead, ~0.5 s per
+    step on a 180M-parameter model: at decode shapes they run up to ~3x faster than a plain linear). "reload" keeps
+    vLLM's own weights and copies the trainer's into them in place on `sync_weights()` (1.3-1.9 s on that model).
+    "auto" (the default) is zero_copy where the weights can be shared (same dtype and device, not FSDP shards),
+    reload otherwise (bench/GENERATION.md).
     sync="none" (no trainer model): vLLM samples from the checkpoint's weights, for evaluation and rejection
     sampling.
     """
 
     def __init__(self, model_path, model=None, sync="auto", dtype="auto", max_model_len=2048,
                  kv_cache_gib=1.0, gpu_memory_utilization=0.3, seed=0, tensor_parallel_size=1):
-        if sync == "auto":
-            sync = "zero_copy" if torch.cuda.is_available() else "reload"
-        if sync not in ("zero_copy", "reload", "none"):
+        if sync not in ("auto", "zero_copy", "reload", "none"):
             raise ValueError(f"sync must be 'auto', 'zero_copy', 'reload' or 'none', got {sync!r}")
         if model is None and sync != "none":
             raise ValueError(f"sync={sync!r} needs the trainer's model (to share weights with, or to copy them from)")
@@ -72,16 +72,24 @@ class VLLMGenerator:
                                           kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization,
                                           enable_sleep_mode=torch.cuda.is_available(),
                                           tensor_parallel_size=tensor_parallel_size)
-        self.model, self.sync = model, sync
+        self.model = model
         self.dtype = None if dtype == "auto" else getattr(torch, dtype)  # what vLLM computes in
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id
-        if sync == "zero_copy":
-            vllm_bridge.share_weights(self.llm, model)
+        self.repack = False  # zero_copy on CPU: vLLM's packed copies of the shared weights are rebuilt on sync_weights()
+        if sync in ("auto", "zero_copy"):
+            try:
+                self.repack = vllm_bridge.share_weights(self.llm, model, keep_packed=not torch.cuda.is_available())
+                sync = "zero_copy"
+            except ValueError:
+                if sync == "zero_copy":
+                    raise
+                sync = "reload"  # auto: these weights cannot be shared (share_weights changed nothing)
+        self.sync = sync
 
     def sync_weights(self) -> float:
-        """Make vLLM see the trainer's current weights; returns seconds spent (0 when shared)."""
+        """Make vLLM see the trainer's current weights; returns seconds spent (0 when all are shared)."""
         if self.sync == "zero_copy":
-            return 0.0
+            return vllm_bridge.repack(self.llm) if self.repack else 0.0
         if self.sync == "none":
             raise RuntimeError("this generator has no trainer model to take weights from (sync='none')")
         # Full tensors, gathered one at a time when the trainer holds FSDP shards (a no-op otherwise), cast to vLLM's
@@ -102,7 +110,7 @@ class VLLMGenerator:
                            top_k=sampling.top_k or -1, max_tokens=sampling.max_tokens,
                            stop_token_ids=list(sampling.stop_token_ids), logprobs=0,
                            min_tokens=sampling.max_tokens if sampling.ignore_eos else 0,
-                           seed=None if sampling.seed is None else sampling.seed + i)
+                           seed=None if sampling.seed is None else sampling.seed + i * sampling.n)
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)

@@ -5,11 +5,12 @@
 
 One step: B prompts -> G completions each from the in-process generator -> rewards -> group-normalized
 advantages -> packed micro-batches -> fused GRPO loss -> optimizer step -> the generator sees the new weights
-(shared storage: nothing to do; otherwise an in-place reload).
+(shared storage: nothing to do, or only the LM head on CPU; otherwise an in-place reload).
 
 On several ranks (FSDP2, fastgrpo.distributed) each rank generates and scores its share of the B prompts with its
-own generator, every rank then holds the whole rollout (token ids only), and each trains on its share of the
-micro-batches with losses normalized by the step's global counts: a step computes what it computes in one process.
+own generator (or each group of generation.tensor_parallel_size ranks shares one tensor-parallel vLLM), every rank
+then holds the whole rollout (token ids only), and each trains on its share of the micro-batches with losses
+normalized by the step's global counts: a step computes what it computes in one process.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: G
     """The step's B groups of G completions, with rewards; on several ranks every rank returns the whole rollout.
 
     Every rank draws the same prompts (one sampler state, whatever the number of ranks, so a run resumes on any
-    number) and scores its contiguous share of each round; prompt i of a round samples with seed + i on any number
-    of ranks. Groups never straddle ranks. With dynamic sampling the refill rounds run in lockstep on the global
+    number) and scores its contiguous share of each round; prompt i of a round samples with the same seeds on any
+    number of ranks. Groups never straddle ranks. With dynamic sampling the refill rounds run in lockstep on the global
     count of kept groups.
 
     Generation: each rank generates its own share, or, with generation.tensor_parallel_size = k > 1, each group of
@@ -141,9 +142,12 @@ def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: G
         lo, hi = bounds[rank], bounds[rank + 1]
         mine = batch[lo:hi]
         group_lo, group_hi = bounds[first], bounds[first + g.tensor_parallel_size]
-        seed = cfg.train.seed * 1_000_003 + step * 1009 + refills  # a resumed run samples what the original did
+        # Every sample of the run gets its own seed (prompt i of a round: seed + i * G + j), the same on any number of
+        # ranks and after a resume.
+        round_index = step * (cfg.train.max_refills + 1) + refills
+        seed = cfg.train.seed * 2**40 + round_index * B * G
         sampling = SamplingConfig(n=G, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                  max_tokens=g.max_completion_length, ignore_eos=g.ignore_eos, seed=seed + group_lo)
+                                  max_tokens=g.max_completion_length, ignore_eos=g.ignore_eos, seed=seed + group_lo * G)
         # A rank with no prompt in a refill round still generates (a stand-in, dropped): with the hf backend under
         # FSDP each forward is a collective that every rank must join.
         outputs = generator.generate([ids for ids, _ in batch[group_lo:group_hi]] or [batch[0][0]], sampling)

@@ -128,7 +128,7 @@ class ScriptedGenerator:
 
         out = []
         for i, prompt in enumerate(prompts):
-            key = zlib.crc32(f"{prompt}|{sampling.seed + i}".encode())
+            key = zlib.crc32(f"{prompt}|{sampling.seed + i * sampling.n}".encode())  # prompt i's seed, as in vLLM
             g = torch.Generator().manual_seed(key)
             group = []
             for j in range(sampling.n):
@@ -282,9 +282,12 @@ def _same_weights(got: Path, want: Path):
     w1, w2 = load_file(want / "model.safetensors"), load_file(got / "model.safetensors")
     assert w1.keys() == w2.keys()
     for name in w1:
-        # atol 1e-5 against updates of ~lr = 3e-3: Adam's first steps divide by sqrt(v), so where a gradient element
-        # is near 0 a summation-order difference in it moves the update by up to ~1e-6 (seen: 3.4e-6, one element)
-        torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-5, msg=f"{got} {name}")
+        # Against updates of ~lr = 3e-3: Adam's first steps divide by sqrt(v), so where a gradient element is near 0 a
+        # summation-order difference in it moves that element's update (seen: 3.4e-6, and 2.3e-5 in one element of
+        # 4096). So: every element within 1e-4, and at most one in a thousand beyond 1e-5. (The gradient itself is
+        # checked by grad_norm, to 1e-5 relative.)
+        diff = (w2[name] - w1[name]).abs()
+        assert diff.max() < 1e-4 and (diff > 1e-5).float().mean() <= 1e-3, (got, name, float(diff.max()))
 
 
 def _seed_from(src: Path, dst: Path, step: int):

@@ -62,7 +62,7 @@ def test_logprobs_match_trainer_after_optimizer_steps(setup):
     for step in range(2):
         train_step(model, seed=step)
         seconds = gen.sync_weights()
-        assert seconds == 0.0 if gen.sync == "zero_copy" else seconds > 0
+        assert seconds == 0.0 if gen.sync == "zero_copy" and not gen.repack else seconds > 0
         after = gen.generate(PROMPTS, sampling)
         assert max_logprob_error(model, PROMPTS, after, TEMPERATURE) < 1e-4
     assert [c.token_ids for c in after[0]] != [c.token_ids for c in before[0]]  # the weights really changed
@@ -78,6 +78,18 @@ def test_reload_in_buckets(model_path):
     assert max_logprob_error(model, PROMPTS, out, TEMPERATURE) < 1e-4
 
 
+def test_zero_copy_with_a_tied_head(tmp_path):
+    """A tied head is a vLLM module of its own over the embedding's parameter: it must compute from the shared
+    weight too (its oneDNN-packed copy would keep the initial weights)."""
+    path = build_tiny_model(tmp_path / "tied", tie_embeddings=True)
+    model = load(path)
+    gen = VLLMGenerator(path, model, sync="zero_copy", dtype="float32", max_model_len=256, kv_cache_gib=0.25)
+    sampling = SamplingConfig(n=3, temperature=TEMPERATURE, max_tokens=16, seed=0)
+    train_step(model, seed=0)
+    gen.sync_weights()
+    assert max_logprob_error(model, PROMPTS, gen.generate(PROMPTS, sampling), TEMPERATURE) < 1e-4
+
+
 def test_zero_copy_keeps_one_copy(model_path):
     model = load(model_path)
     own_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -90,11 +102,13 @@ def test_zero_copy_keeps_one_copy(model_path):
     for p in list(model.parameters()) + list(engine.parameters()):
         storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
     # every trainer tensor lives inside an engine tensor: the union of storages is one model's worth, plus the
-    # rows vLLM pads the vocabulary with (embedding and untied LM head), which hold no trainer weight
+    # rows vLLM pads the vocabulary with (embedding and untied LM head), which hold no trainer weight (on CPU the
+    # head's packed copy lives outside the parameters)
     padded_rows = engine.model.embed_tokens.weight.shape[0] - model.config.vocab_size
     assert sum(storages.values()) == own_bytes + 2 * padded_rows * model.config.hidden_size * 4
     engine_ptrs = {p.untyped_storage().data_ptr() for p in engine.parameters()}
     assert all(p.untyped_storage().data_ptr() in engine_ptrs for p in model.parameters())
+    assert gen.repack == (not torch.cuda.is_available())
     q = model.model.layers[0].self_attn.q_proj.weight
     qkv = engine.model.layers[0].self_attn.qkv_proj.weight
     assert q.data_ptr() == qkv.data_ptr() and q.shape[0] < qkv.shape[0]
@@ -120,6 +134,15 @@ def test_sampling_options(setup):
     for c in (c for cs in stopped for c in cs):
         assert c.finish_reason == "stop" and c.token_ids[-1] in stops + (gen.eos_token_id,)
         assert all(t not in stops for t in c.token_ids[:-1])
+
+
+def test_every_sample_of_a_call_has_its_own_seed(setup):
+    """vLLM seeds sample j of a request with its seed + j: prompt seeds one apart made sample j of prompt i and
+    sample j - 1 of prompt i + 1 the same draw, near-copies in a GRPO rollout (identical here: same prompt)."""
+    model, gen = setup
+    out = gen.generate([PROMPTS[0]] * 4, SamplingConfig(n=4, temperature=1.0, max_tokens=12, ignore_eos=True,
+                                                        seed=3 * 2**40))  # grpo's seeds go past 32 bits
+    assert len({tuple(c.token_ids) for cs in out for c in cs}) == 16
 
 
 def test_seeded_batch_larger_than_one_scheduler_step(setup):
@@ -160,7 +183,9 @@ def test_bad_input(model_path, monkeypatch):
     bf16 = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
     monkeypatch.setattr(vllm, "__version__", vllm_bridge.TESTED_VERSIONS[0])
     with pytest.raises(ValueError, match="cannot share .*bfloat16.*use weight reload"):
-        VLLMGenerator(model_path, bf16, sync="zero_copy", dtype="float32", max_model_len=256)
+        VLLMGenerator(model_path, bf16, sync="zero_copy", dtype="float32", max_model_len=256, kv_cache_gib=0.25)
+    auto = VLLMGenerator(model_path, bf16, sync="auto", dtype="float32", max_model_len=256, kv_cache_gib=0.25)
+    assert auto.sync == "reload" and auto.sync_weights() > 0  # auto: what cannot be shared is reloaded
 
 
 def test_tiny_tokenizer_round_trips_text_as_loaded_by_transformers(tmp_path):

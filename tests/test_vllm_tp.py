@@ -76,7 +76,7 @@ class ScriptedGenerator:
         self.calls.append((prompts, sampling.seed))
         out = []
         for i, prompt in enumerate(prompts):
-            key = zlib.crc32(f"{prompt}|{sampling.seed + i}".encode())
+            key = zlib.crc32(f"{prompt}|{sampling.seed + i * sampling.n}".encode())  # as vLLM: per-prompt seeds
             constant = key % 4 == 0
             group = [[8 + (key >> 3 * t + (0 if constant else j)) % 90 for t in range(6)] for j in range(sampling.n)]
             out.append([Completion(ids, [-1.0] * 6, "length", i) for ids in group])
@@ -146,7 +146,7 @@ def test_a_tensor_parallel_group_generates_its_share_once(world_size, k, monkeyp
     for rnd, (batch, seed) in enumerate(single_calls):
         for g in range(groups):
             lo, hi = len(batch) * g // groups, len(batch) * (g + 1) // groups
-            assert calls[g * k][rnd] == (batch[lo:hi] or batch[:1], seed + lo), (rnd, g)
+            assert calls[g * k][rnd] == (batch[lo:hi] or batch[:1], seed + lo * G), (rnd, g)
 
 
 def test_make_generator_checks_tensor_parallel_size(monkeypatch):
