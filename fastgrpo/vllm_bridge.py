@@ -159,6 +159,7 @@ def repack(llm) -> float:
     start = time.perf_counter()
     for module in engine_model(llm).modules():
         if hasattr(module, "cpu_linear") and module.cpu_linear is not torch.nn.functional.linear:
+            module.cpu_linear = None  # free the old copy before building the new one: never two at once
             dispatch_cpu_unquantized_gemm(module, remove_weight=False)
     return time.perf_counter() - start
 
