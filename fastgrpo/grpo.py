@@ -5,7 +5,7 @@
 
 One step: B prompts -> G completions each from the in-process generator -> rewards -> group-normalized
 advantages -> packed micro-batches -> fused GRPO loss -> optimizer step -> the generator sees the new weights
-(shared storage: nothing to do, or only the LM head on CPU; otherwise an in-place reload).
+(shared storage: nothing to copy, and on CPU vLLM's packed copies are rebuilt; otherwise an in-place reload).
 
 On several ranks (FSDP2, fastgrpo.distributed) each rank generates and scores its share of the B prompts with its
 own generator (or each group of generation.tensor_parallel_size ranks shares one tensor-parallel vLLM), every rank

@@ -299,8 +299,8 @@ def run(cfg: PipelineConfig) -> str:
         record = finished(cfg, stage)
         if record is not None:
             seconds = record["seconds"]
-            if stage == "sft" and finished(cfg, "rejection_sampling"):
-                seconds += finished(cfg, "rejection_sampling")["seconds"]
+            if stage == "sft" and (sampled := finished(cfg, "rejection_sampling")):
+                seconds += sampled["seconds"]
             rows.append((stage, evaluate_model(cfg, stage, record["output"]), seconds))
     table = results_table(rows, cfg.eval.k)
     note = (f"Held-out evaluation: {cfg.eval.data.eval_examples} reasoning prompts ({cfg.eval.data.source}) and as "

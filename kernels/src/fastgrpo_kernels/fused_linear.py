@@ -30,45 +30,25 @@ from .logprobs import logits_backward, logits_forward
 
 
 def _chunk_grad_(z, ids, temperature, token_grad, with_entropy, backend):
-    """Turn a logits chunk z (c, V) into d(loss)/d(z) in place; return (logp, entropy or None), fp32 [c].
+    """Triton path: turn a logits chunk z (c, V) into d(loss)/d(z) in place; return (logp, entropy or None), fp32 [c].
 
-    token_grad(logp) -> d(loss)/d(logp) [c]. On the torch path z must be an fp32 buffer the caller owns.
+    token_grad(logp) -> d(loss)/d(logp) [c].
     """
-    if backend == "triton":
-        logp, lse, entropy = logits_forward(z, ids, temperature, with_entropy, backend)
-        logits_backward(z, ids, lse, token_grad(logp), temperature=temperature, out=z, backend=backend)
-        return logp, entropy
-    inv_t = 1.0 / temperature
-    if inv_t != 1.0:
-        z.mul_(inv_t)
-    m = z.amax(dim=1)  # read c*V
-    z_target = z.gather(1, ids[:, None]).squeeze(1)
-    z.sub_(m[:, None])  # read+write c*V; z is now z - max
-    z.exp_()  # read+write c*V; z is now e = exp(z - max)
-    s = z.sum(dim=1)  # read c*V
-    log_s = torch.log(s)
-    logp = z_target - m - log_s
-    # entropy = log s - sum e (z - max) / s, and e (z - max) = xlogy(e, e) exactly (0 where e = 0): one temporary
-    entropy = log_s - torch.special.xlogy(z, z).sum(1) / s if with_entropy else None
-    g = token_grad(logp) * inv_t
-    z.mul_((-g / s)[:, None])  # read+write c*V: dz = -g p
-    z.scatter_add_(1, ids[:, None], g[:, None])  # + g at the target
+    logp, lse, entropy = logits_forward(z, ids, temperature, with_entropy, backend)
+    logits_backward(z, ids, lse, token_grad(logp), temperature=temperature, out=z, backend=backend)
     return logp, entropy
 
 
-def _logits_chunk(h, weight, buf, backend):
-    """z = h W^T into the reusable buffer (fp32 on the torch path, the input dtype on Triton)."""
-    if buf.dtype == h.dtype:
-        return torch.mm(h, weight.t(), out=buf[: h.shape[0]])
-    return buf[: h.shape[0]].copy_(torch.mm(h, weight.t()))
+def _logits_chunk(h, weight, buf):
+    """z = h W^T into the first rows of the reusable buffer."""
+    return torch.mm(h, weight.t(), out=buf[: h.shape[0]])
 
 
-def _chunk_plan(hidden, weight, with_entropy, backend, chunk_bytes):
+def _chunk_plan(hidden, weight, chunk_bytes):
+    """Triton path: rows per chunk, and the reusable (rows, V) logits buffer in the input dtype."""
     N, V = hidden.shape[0], weight.shape[0]
-    dtype = torch.float32 if backend == "torch" else hidden.dtype
-    row_bytes = V * torch.finfo(dtype).bits // 8 * (2 if with_entropy and backend == "torch" else 1)
-    step = rows_per_chunk(N, row_bytes, chunk_bytes, hidden.device)
-    return step, torch.empty(step, V, dtype=dtype, device=hidden.device)
+    step = rows_per_chunk(N, V * hidden.element_size(), chunk_bytes, hidden.device)
+    return step, torch.empty(step, V, dtype=hidden.dtype, device=hidden.device)
 
 
 def _eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, need_dh, need_dw, backend,
@@ -78,7 +58,7 @@ def _eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, nee
         return _torch_eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, need_dh, need_dw,
                                   chunk_bytes)
     N = hidden.shape[0]
-    step, buf = _chunk_plan(hidden, weight, with_entropy, backend, chunk_bytes)
+    step, buf = _chunk_plan(hidden, weight, chunk_bytes)
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(logp) if with_entropy else None
     dh = torch.empty_like(hidden) if need_dh else None
@@ -86,7 +66,7 @@ def _eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, nee
     for start in range(0, N, step):
         rows = slice(start, min(start + step, N))
         h = hidden[rows]
-        z = _logits_chunk(h, weight, buf, backend)  # (c, V)
+        z = _logits_chunk(h, weight, buf)  # (c, V)
         logp[rows], ent = _chunk_grad_(z, ids[rows], temperature, lambda lp: token_grad(lp, rows), with_entropy,
                                       backend)
         if with_entropy:
@@ -104,11 +84,11 @@ def _forward_sweep(hidden, weight, ids, temperature, with_entropy, backend, chun
     if backend == "torch":
         return _torch_forward_sweep(hidden, weight, ids, temperature, with_entropy, chunk_bytes)
     N = hidden.shape[0]
-    step, buf = _chunk_plan(hidden, weight, False, backend, chunk_bytes)
+    step, buf = _chunk_plan(hidden, weight, chunk_bytes)
     out = [torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3 if with_entropy else 2)]
     for start in range(0, N, step):
         rows = slice(start, min(start + step, N))
-        z = _logits_chunk(hidden[rows], weight, buf, backend)
+        z = _logits_chunk(hidden[rows], weight, buf)
         for o, r in zip(out, logits_forward(z, ids[rows], temperature, with_entropy, backend, chunk_bytes)):
             o[rows] = r
     return out[0], out[1], out[2] if with_entropy else None
@@ -119,13 +99,13 @@ def _backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, need_
     if backend == "torch":
         return _torch_backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, need_dw, chunk_bytes)
     N = hidden.shape[0]
-    step, buf = _chunk_plan(hidden, weight, False, backend, chunk_bytes)
+    step, buf = _chunk_plan(hidden, weight, chunk_bytes)
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.zeros_like(weight) if need_dw else None
     for start in range(0, N, step):
         rows = slice(start, min(start + step, N))
         h = hidden[rows]
-        z = _logits_chunk(h, weight, buf, backend)
+        z = _logits_chunk(h, weight, buf)
         logits_backward(z, ids[rows], lse[rows], dlogp[rows], temperature=temperature, out=z, backend=backend,
                         chunk_bytes=chunk_bytes)
         dz = z.to(weight.dtype)
@@ -230,7 +210,7 @@ def _torch_eager_sweep(hidden, weight, ids, temperature, token_grad, with_entrop
     inv_t = 1.0 / temperature
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(logp) if with_entropy else None
-    dh = torch.empty_like(hidden) if need_dh else None
+    dh = torch.zeros(hidden.shape, device=hidden.device) if need_dh else None  # fp32: summed over the tiles
     dw = torch.zeros_like(weight) if need_dw else None
     for start in range(0, N, step):
         rows = slice(start, min(start + step, N))
@@ -239,11 +219,8 @@ def _torch_eager_sweep(hidden, weight, ids, temperature, token_grad, with_entrop
         if with_entropy:
             entropy[rows] = ent
         g = token_grad(logp[rows], rows) * inv_t
-        dh_rows = torch.zeros(h.shape, device=h.device) if need_dh else None
-        _tiled_grad(h, weight, ids[rows], lse, g, tiles, z_tiles, dh_rows, dw)
-        if need_dh:
-            dh[rows] = dh_rows
-    return logp, entropy, dh, dw
+        _tiled_grad(h, weight, ids[rows], lse, g, tiles, z_tiles, None if dh is None else dh[rows], dw)
+    return logp, entropy, None if dh is None else dh.to(hidden.dtype), dw
 
 
 def _torch_forward_sweep(hidden, weight, ids, temperature, with_entropy, chunk_bytes):
@@ -266,17 +243,14 @@ def _torch_backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh,
     step = rows_per_chunk(N, V * 4 // FORWARD_ROWS_FACTOR, chunk_bytes, hidden.device)
     tiles, buffers = _tile_buffers(step, V, hidden.device, store_all=False)
     inv_t = 1.0 / temperature
-    dh = torch.empty_like(hidden) if need_dh else None
+    dh = torch.zeros(hidden.shape, device=hidden.device) if need_dh else None  # fp32: summed over the tiles
     dw = torch.zeros_like(weight) if need_dw else None
     for start in range(0, N, step):
         rows = slice(start, min(start + step, N))
         h = hidden[rows]
-        dh_rows = torch.zeros(h.shape, device=h.device) if need_dh else None
-        _tiled_grad(h, weight, ids[rows], lse[rows], dlogp[rows] * inv_t, tiles, buffers(h.shape[0]), dh_rows, dw,
-                    recompute_inv_t=inv_t)
-        if need_dh:
-            dh[rows] = dh_rows
-    return dh, dw
+        _tiled_grad(h, weight, ids[rows], lse[rows], dlogp[rows] * inv_t, tiles, buffers(h.shape[0]),
+                    None if dh is None else dh[rows], dw, recompute_inv_t=inv_t)
+    return None if dh is None else dh.to(hidden.dtype), dw
 
 
 def _scaled(grad, scale):
