@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from . import vllm_bridge
 from .distributed import full_state_dict
@@ -135,6 +136,32 @@ class VLLMGenerator:
         ]
 
 
+class _SampledLogprobs:
+    """A last logits processor that records the log-prob of each sampled token under the scores it was drawn from.
+
+    Called at step t with the sequences so far (ending in the token drawn at step t-1) and step t's final scores:
+    it reads step t-1's token from the former. One step's scores are held at a time, never (B, steps, V) as
+    output_scores would: 5 GB for 16 sequences x 512 tokens of a 151,936-token vocabulary.
+    """
+
+    def __init__(self):
+        self.scores, self.logprobs = None, []
+
+    def _take(self, tokens: torch.Tensor):
+        s = self.scores.float()
+        self.logprobs.append(s.gather(-1, tokens[:, None]).squeeze(-1) - s.logsumexp(-1))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.scores is not None:
+            self._take(input_ids[:, -1])
+        self.scores = scores
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        self._take(last_tokens)
+        return torch.stack(self.logprobs, 1)
+
+
 class HFGenerator:
     """transformers `generate` on the trainer's own model (always in sync)."""
 
@@ -163,26 +190,29 @@ class HFGenerator:
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         greedy = sampling.temperature == 0
+        # The sampling transforms are passed as processors of our own, followed by the recorder, so that it sees
+        # the scores each token is drawn from; transformers' own are switched off (it would apply them after).
+        recorder = _SampledLogprobs()
+        processors = LogitsProcessorList([] if greedy else [
+            TemperatureLogitsWarper(sampling.temperature),
+            *([TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []),
+            *([TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1.0 else []),
+        ])
+        processors.append(recorder)
         training = self.model.training
         self.model.eval()  # sampling never runs dropout (and transformers' eval-mode forward is faster)
         try:
-            out = self.model.generate(
+            sequences = self.model.generate(
                 input_ids=ids.to(device), attention_mask=attention.to(device), do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
-                top_k=None if greedy else sampling.top_k, max_new_tokens=sampling.max_tokens,
-                num_return_sequences=sampling.n, eos_token_id=stops, pad_token_id=self.pad_token_id,
-                min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None,
-                output_scores=True, return_dict_in_generate=True,
+                temperature=None if greedy else 1.0, top_p=None if greedy else 1.0, top_k=None if greedy else 0,
+                logits_processor=processors,
+                max_new_tokens=sampling.max_tokens, num_return_sequences=sampling.n, eos_token_id=stops,
+                pad_token_id=self.pad_token_id, min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None,
             )
         finally:
             self.model.train(training)
-        new = out.sequences[:, width:]  # (B*n, steps)
-        # scores are the processed logits each token was sampled from (temperature, top-k/p applied); one step at
-        # a time, so no (B*n, steps, V) tensor is ever stacked
-        token_logprobs = torch.stack([
-            (s.float().gather(-1, new[:, t, None]).squeeze(-1) - s.float().logsumexp(-1))
-            for t, s in enumerate(out.scores)
-        ], 1).cpu()  # (B*n, steps)
+        new = sequences[:, width:]  # (B*n, steps)
+        token_logprobs = recorder.finish(new[:, -1]).cpu()  # (B*n, steps)
         new = new.cpu()
         is_stop = torch.isin(new, torch.tensor(stops))
         results = [[] for _ in prompts]

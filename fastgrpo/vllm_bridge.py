@@ -9,7 +9,8 @@ weight is one tensor both models point at. An optimizer step that updates the tr
 is then what vLLM computes with next, with no sync at all. On the CPU backend vLLM repacks each linear weight
 for oneDNN (a copy the optimizer never sees) and empties `layer.weight`; shared layers get a plain weight back and
 either keep their packed copy, rebuilt from the shared weight after each optimizer step (`repack`, the trainer's
-choice: decoding runs up to ~3x faster packed), or compute with torch.nn.functional.linear.
+choice: decoding runs up to ~3x faster packed; `unpack` frees the copies while the trainer runs), or compute with
+torch.nn.functional.linear.
 bench/bench_generation.py measures both against a reload.
 """
 

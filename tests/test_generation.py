@@ -191,6 +191,24 @@ def test_hf_backend_agrees_with_vllm(setup):
     assert [c[0].token_ids for c in from_vllm] == [c[0].token_ids for c in from_hf]
 
 
+def test_hf_logprobs_are_of_the_distribution_sampled_from(model_path):
+    """With top-k, a token's log-prob is under the renormalized top-k distribution at the sampling temperature."""
+    model = load(model_path)
+    hf = HFGenerator(model, eos_token_id=2, pad_token_id=0)
+    k = 3
+    out = hf.generate(PROMPTS, SamplingConfig(n=2, temperature=TEMPERATURE, top_k=k, max_tokens=12, seed=1))
+    for prompt, completions in zip(PROMPTS, out):
+        for c in completions:
+            ids = torch.tensor([prompt + c.token_ids])
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(prompt) - 1: -1] / TEMPERATURE
+            kth = logits.topk(k, -1).values[:, -1:]
+            expected = logits.masked_fill(logits < kth, float("-inf")).log_softmax(-1)
+            expected = expected.gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+            assert torch.isfinite(expected).all()  # every token was among the top k
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
+
+
 def test_bad_input(model_path, monkeypatch):
     with pytest.raises(ValueError, match="sync must be"):
         VLLMGenerator(model_path, None, sync="copy")
