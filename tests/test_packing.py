@@ -69,9 +69,15 @@ def test_plan_covers_every_sequence_within_budget_and_balanced(num_ranks):
     assert max(rank_totals) - min(rank_totals) <= max(lengths)
 
 
-def test_plan_rejects_a_sequence_over_budget():
-    with pytest.raises(ValueError, match="exceeds token_budget"):
-        plan_micro_batches([10, 300], token_budget=256)
+def test_plan_gives_a_sequence_over_budget_a_micro_batch_of_its_own():
+    assert sorted(plan_micro_batches([10, 300], token_budget=256)[0]) == [[0], [1]]
+    plan = plan_micro_batches([300, 290, 100, 100, 50], token_budget=256, num_ranks=2)
+    micro_batches = [mb for rank in plan for mb in rank]
+    assert [0] in micro_batches and [1] in micro_batches  # alone, each
+    assert sorted(i for mb in micro_batches for i in mb) == [0, 1, 2, 3, 4]
+    assert all(sum([300, 290, 100, 100, 50][i] for i in mb) <= 256 for mb in micro_batches if len(mb) > 1)
+    with pytest.raises(ValueError, match="token_budget must be positive"):
+        plan_micro_batches([10], token_budget=0)
 
 
 def test_stats():
