@@ -111,6 +111,9 @@ class VLLMGenerator:
 
     def wake(self):
         vllm_bridge.wake(self.llm)
+        self._ensure_packed()
+
+    def _ensure_packed(self):
         if not self.packed:
             vllm_bridge.repack(self.llm)
             self.packed = True
@@ -118,6 +121,7 @@ class VLLMGenerator:
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         from vllm import SamplingParams, TokensPrompt
 
+        self._ensure_packed()  # asleep on CPU (no wake since): the packed copies are rebuilt first
         params = [
             SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                            top_k=sampling.top_k or -1, max_tokens=sampling.max_tokens,

@@ -111,6 +111,11 @@ def test_sleep_frees_the_packed_copies_until_the_next_sync_or_wake(model_path, m
         gen.wake()
         assert len(repacks) == (1 if sync else 2)  # one rebuild per sleep: by the sync, else by wake
         assert max_logprob_error(model, PROMPTS, gen.generate(PROMPTS, sampling), TEMPERATURE) < 1e-4
+    gen.sleep()
+    train_step(model, seed=2)
+    # generate() without a wake rebuilds them too
+    assert max_logprob_error(model, PROMPTS, gen.generate(PROMPTS, sampling), TEMPERATURE) < 1e-4
+    assert len(repacks) == 3
 
 
 def test_zero_copy_keeps_one_copy(model_path):
