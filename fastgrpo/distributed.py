@@ -48,11 +48,12 @@ def world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Apply FSDP2 to a transformers *ForCausalLM in place: each decoder layer, then the root. Returns the model.
 
-    On CUDA the forward and backward run in bf16 with fp32 master weights and fp32 gradient reduction; on CPU
-    everything stays in the parameters' dtype. A no-op on a single rank (an in-process vLLM engine sets up a
+    dtype: what the forward and backward compute in. Narrower than the parameters (bf16 from fp32 weights, see
+    fastgrpo/precision.py), FSDP gathers the weights in it and reduces the gradients in fp32; None, or the
+    parameters' own dtype, computes in theirs. A no-op on a single rank (an in-process vLLM engine sets up a
     one-rank process group of its own: that is not data parallelism).
 
     The root (embeddings, final norm, LM head) keeps its parameters gathered from its forward to the end of the
@@ -61,8 +62,8 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """
     if world()[1] == 1:
         return model
-    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                 if torch.cuda.is_available() else MixedPrecisionPolicy())
+    mixed = dtype is not None and dtype != next(model.parameters()).dtype
+    mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
     for layer in model.base_model.layers:
         fully_shard(layer, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)

@@ -11,6 +11,7 @@ top-p when those are on.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -57,16 +58,18 @@ class VLLMGenerator:
     (on CPU, vLLM's oneDNN-packed copies of its linear layers are rebuilt from the shared weights instead, ~0.5 s per
     step on a 180M-parameter model: at decode shapes they run up to ~3x faster than a plain linear). "reload" keeps
     vLLM's own weights and copies the trainer's into them in place on `sync_weights()` (1.3-1.9 s on that model).
+    "copy" keeps vLLM's own weights in its dtype and casts the trainer's into them in place, tensor by tensor
+    (mixed precision: fp32 master weights, bf16 sampling; fastgrpo/precision.py).
     "auto" (the default) is zero_copy where the weights can be shared (same dtype and device, not FSDP shards),
-    reload otherwise (bench/GENERATION.md).
+    else copy where only the dtype differs, else reload (bench/GENERATION.md).
     sync="none" (no trainer model): vLLM samples from the checkpoint's weights, for evaluation and rejection
     sampling.
     """
 
     def __init__(self, model_path, model=None, sync="auto", dtype="auto", max_model_len=2048,
                  kv_cache_gib=1.0, gpu_memory_utilization=0.3, seed=0, tensor_parallel_size=1):
-        if sync not in ("auto", "zero_copy", "reload", "none"):
-            raise ValueError(f"sync must be 'auto', 'zero_copy', 'reload' or 'none', got {sync!r}")
+        if sync not in ("auto", "zero_copy", "copy", "reload", "none"):
+            raise ValueError(f"sync must be 'auto', 'zero_copy', 'copy', 'reload' or 'none', got {sync!r}")
         if model is None and sync != "none":
             raise ValueError(f"sync={sync!r} needs the trainer's model (to share weights with, or to copy them from)")
         self.llm = vllm_bridge.create_llm(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
@@ -78,24 +81,33 @@ class VLLMGenerator:
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id
         # zero_copy on CPU: vLLM's packed copies of the shared weights are freed by sleep() and rebuilt by
         # sync_weights() (or by wake(), when no sync came between)
-        self.repack, self.packed = False, True
+        self.repack, self.packed, self.copier = False, True, None
+        keep_packed = not torch.cuda.is_available()
         if sync in ("auto", "zero_copy"):
             try:
-                self.repack = vllm_bridge.share_weights(self.llm, model, keep_packed=not torch.cuda.is_available())
+                self.repack = vllm_bridge.share_weights(self.llm, model, keep_packed=keep_packed)
                 sync = "zero_copy"
             except ValueError:
                 if sync == "zero_copy":
+                    raise  # auto: these weights cannot be shared (share_weights changed nothing); try a copy
+        if sync in ("auto", "copy"):
+            try:
+                self.copier = vllm_bridge.WeightCopier(self.llm, model, keep_packed=keep_packed)
+                self.repack, sync = self.copier.repack, "copy"
+            except ValueError:
+                if sync == "copy":
                     raise
-                sync = "reload"  # auto: these weights cannot be shared (share_weights changed nothing)
+                sync = "reload"  # auto: sharded or on another device (WeightCopier changed nothing)
         self.sync = sync
 
     def sync_weights(self) -> float:
         """Make vLLM see the trainer's current weights; returns seconds spent (0 when all are shared)."""
-        if self.sync == "zero_copy":
+        if self.sync in ("zero_copy", "copy"):
+            seconds = self.copier.copy() if self.copier else 0.0
             if not self.repack:
-                return 0.0
+                return seconds
             self.packed = True
-            return vllm_bridge.repack(self.llm)
+            return seconds + vllm_bridge.repack(self.llm)
         if self.sync == "none":
             raise RuntimeError("this generator has no trainer model to take weights from (sync='none')")
         # Full tensors, gathered one at a time when the trainer holds FSDP shards (a no-op otherwise), cast to vLLM's
@@ -167,10 +179,14 @@ class _SampledLogprobs:
 
 
 class HFGenerator:
-    """transformers `generate` on the trainer's own model (always in sync)."""
+    """transformers `generate` on the trainer's own model (always in sync).
 
-    def __init__(self, model, eos_token_id: int, pad_token_id: int):
+    autocast: a function returning the context generation runs in (the trainer's mixed precision, if any).
+    """
+
+    def __init__(self, model, eos_token_id: int, pad_token_id: int, autocast=contextlib.nullcontext):
         self.model, self.eos_token_id, self.pad_token_id = model, eos_token_id, pad_token_id
+        self.autocast = autocast
 
     def sync_weights(self) -> float:
         return 0.0
@@ -206,13 +222,14 @@ class HFGenerator:
         training = self.model.training
         self.model.eval()  # sampling never runs dropout (and transformers' eval-mode forward is faster)
         try:
-            sequences = self.model.generate(
-                input_ids=ids.to(device), attention_mask=attention.to(device), do_sample=not greedy,
-                temperature=None if greedy else 1.0, top_p=None if greedy else 1.0, top_k=None if greedy else 0,
-                logits_processor=processors,
-                max_new_tokens=sampling.max_tokens, num_return_sequences=sampling.n, eos_token_id=stops,
-                pad_token_id=self.pad_token_id, min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None,
-            )
+            with self.autocast():
+                sequences = self.model.generate(
+                    input_ids=ids.to(device), attention_mask=attention.to(device), do_sample=not greedy,
+                    temperature=None if greedy else 1.0, top_p=None if greedy else 1.0, top_k=None if greedy else 0,
+                    logits_processor=processors,
+                    max_new_tokens=sampling.max_tokens, num_return_sequences=sampling.n, eos_token_id=stops,
+                    pad_token_id=self.pad_token_id, min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None,
+                )
         finally:
             self.model.train(training)
         new = sequences[:, width:]  # (B*n, steps)

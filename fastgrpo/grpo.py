@@ -34,9 +34,8 @@ from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, i
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
+from .precision import DTYPES, autocast, load_pretrained
 from .rewards import OverlongPenalty, RewardModelReward, compute_rewards, resolve_reward, reward_name
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # ----------------------------------------------------------------------------------------------------------
 # Init
@@ -45,8 +44,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def load_model(path, cfg: GRPOConfig, trainable: bool):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype],
-                                                 trust_remote_code=cfg.model.trust_remote_code)
+    model = load_pretrained(AutoModelForCausalLM, path, cfg.model, trainable)
     if not trainable:
         return model.eval().requires_grad_(False)
     if cfg.model.gradient_checkpointing:
@@ -63,21 +61,16 @@ def make_generator(cfg: GRPOConfig, model, tokenizer):
     if g.backend == "hf":
         if g.tensor_parallel_size > 1:
             raise ValueError("generation.tensor_parallel_size > 1 needs generation.backend=vllm")
-        return HFGenerator(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        return HFGenerator(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                           autocast=lambda: autocast(cfg.model, next(model.parameters()).device))
     # zero_copy shares storage with the trainer's parameters, which under FSDP are shards: on several ranks each
     # rank's vLLM keeps a full copy (or its tensor-parallel slice) and reloads the gathered full weights after every
     # step; vLLM's loader cuts its slice out of each full tensor.
     sync = g.sync if world_size == 1 else "reload"
-    return VLLMGenerator(cfg.model.path, model, sync=sync, dtype=generation_dtype(cfg),
+    return VLLMGenerator(cfg.model.path, model, sync=sync, dtype=cfg.model.dtype,
                          max_model_len=cfg.data.max_prompt_length + g.max_completion_length,
                          kv_cache_gib=g.kv_cache_gib, gpu_memory_utilization=g.gpu_memory_utilization,
                          seed=cfg.train.seed, tensor_parallel_size=g.tensor_parallel_size)
-
-
-def generation_dtype(cfg: GRPOConfig) -> str:
-    # Under FSDP on CUDA the trainer computes in bf16 from fp32 master weights (distributed.shard_model): vLLM samples
-    # in bf16 too, and the weight sync gathers bf16, 2 bytes per parameter.
-    return "bfloat16" if world()[1] > 1 and torch.cuda.is_available() else cfg.model.dtype
 
 
 def make_rewards(cfg: GRPOConfig, reward_funcs=None):
@@ -181,13 +174,14 @@ def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: G
 # Loss over packed micro-batches
 
 
-def score(model, micro_batches, temperature, shape) -> torch.Tensor:
+def score(model, micro_batches, temperature, shape, precision) -> torch.Tensor:
     """Per-token log-probs of the completion tokens, (S, T) with [s, t] predicting token t+1; no gradient.
 
     Fills the rows of this rank's micro-batches (on several ranks the others stay 0: this rank never reads them).
+    precision: the trainer's autocast context.
     """
     out = torch.zeros(shape, device=next(model.parameters()).device)
-    with torch.no_grad():
+    with torch.no_grad(), precision:
         for packed, rows, _, real in micro_batches:
             hidden = packed_hidden_states(model, packed)  # (N, H)
             head = model.get_output_embeddings().weight  # after the forward: under FSDP the gathered head
@@ -227,8 +221,8 @@ def optimize(model, ref_model, optimizer, scheduler, rollout: Rollout, advantage
                                  eps_high=L.eps_high, delta=L.delta, beta=L.beta, temperature=T,
                                  max_completion_length=cfg.generation.max_completion_length, compute_entropy=True)
     needs_old = cfg.train.num_iterations > 1 or L.tis_cap is not None
-    old_logp = score(model, micro_batches, T, (S, width)) if needs_old else None
-    ref_logp = score(ref_model, micro_batches, T, (S, width)) if L.beta else None
+    old_logp = score(model, micro_batches, T, (S, width), autocast(cfg.model, device)) if needs_old else None
+    ref_logp = score(ref_model, micro_batches, T, (S, width), autocast(cfg.model, device)) if L.beta else None
     is_weights = None
     if L.tis_cap is not None:
         rollout_logp = torch.zeros(S, width)
@@ -240,12 +234,13 @@ def optimize(model, ref_model, optimizer, scheduler, rollout: Rollout, advantage
     for _ in range(cfg.train.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         for packed, rows, cu_seqlens, real in micro_batches:
-            hidden = packed_hidden_states(model, packed)  # (N, H)
             pick = lambda per_seq: None if per_seq is None else packed.gather(per_seq)[rows]  # noqa: E731
-            loss, metrics = fused_linear_grpo_loss(
-                hidden[rows], head.weight, packed.targets[rows], advantages[packed.seq_indices],
-                keep_seq[packed.seq_of_token[rows]].float(), pick(old_logp), pick(ref_logp), loss_config,
-                is_weights=pick(is_weights), cu_seqlens=cu_seqlens, num_items=num_items)
+            with autocast(cfg.model, device):
+                hidden = packed_hidden_states(model, packed)  # (N, H)
+                loss, metrics = fused_linear_grpo_loss(
+                    hidden[rows], head.weight, packed.targets[rows], advantages[packed.seq_indices],
+                    keep_seq[packed.seq_of_token[rows]].float(), pick(old_logp), pick(ref_logp), loss_config,
+                    is_weights=pick(is_weights), cu_seqlens=cu_seqlens, num_items=num_items)
             if L.loss_type in ("grpo", "dr_grpo"):
                 # these normalize by the number of sequences: a micro-batch holds k of the step's S
                 loss = loss * (len(packed.seq_indices) / S)
@@ -315,8 +310,10 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = shard_model(load_model(cfg.model.path, cfg, trainable=True)).to(device)
-    ref_model = shard_model(load_model(cfg.model.path, cfg, trainable=False)).to(device) if cfg.loss.beta else None
+    compute_dtype = DTYPES[cfg.model.dtype]
+    model = shard_model(load_model(cfg.model.path, cfg, trainable=True), compute_dtype).to(device)
+    ref_model = (shard_model(load_model(cfg.model.path, cfg, trainable=False), compute_dtype).to(device)
+                 if cfg.loss.beta else None)
     funcs, weights = make_rewards(cfg, reward_funcs)
     reward_names = [reward_name(f) for f in funcs]
     # fused: one kernel over all parameters, no parameter-sized temporaries (the default foreach path needs ~0.9x

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .config import LogConfig, ModelConfig, load_config, to_yaml
 from .data import builtin_dataset
 from .metrics import MetricsLogger, Timer, peak_memory_mib
+from .precision import autocast, load_pretrained
 from .rewards import render_conversation
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out built-in pairs come from seed + this, as in data.load_prompts
@@ -151,9 +152,8 @@ def train(cfg: RewardModelConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         raise ValueError(f"the tokenizer of {cfg.model.path!r} has no pad token, which batched scoring needs")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        cfg.model.path, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=getattr(torch, cfg.model.dtype),
-        trust_remote_code=cfg.model.trust_remote_code).train()
+    model = load_pretrained(AutoModelForSequenceClassification, cfg.model.path, cfg.model, trainable=True,
+                            num_labels=1, pad_token_id=tokenizer.pad_token_id).train()
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
@@ -168,7 +168,8 @@ def train(cfg: RewardModelConfig) -> dict:
         timer = Timer()
         with timer("training"):
             optimizer.zero_grad(set_to_none=True)
-            margin = margins(model, tokenizer, [pairs[i] for i in indices])  # (pairs_per_step,)
+            with autocast(cfg.model, model.device):
+                margin = margins(model, tokenizer, [pairs[i] for i in indices])  # (pairs_per_step,)
             loss = -F.logsigmoid(margin).mean()  # Bradley-Terry
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
@@ -177,7 +178,8 @@ def train(cfg: RewardModelConfig) -> dict:
         logger.log(step, {"loss": loss.item(), **pairwise_metrics(margin), "grad_norm": float(grad_norm),
                           **timer.as_dict(), "peak_memory_mib": peak_memory_mib(), "skipped_long_pairs": skipped})
     logger.close()
-    eval_metrics = evaluate(model, tokenizer, eval_pairs)
+    with autocast(cfg.model, model.device):
+        eval_metrics = evaluate(model, tokenizer, eval_pairs)
     save_final(run_dir, model, tokenizer, eval_metrics)
     return eval_metrics
 

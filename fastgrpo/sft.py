@@ -27,6 +27,7 @@ from .distributed import (all_reduce_sum, clip_grad_norm_, init_distributed, pac
                           shard_model, world)
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
+from .precision import DTYPES, autocast, load_pretrained
 
 
 @dataclass
@@ -107,10 +108,11 @@ def sft_step(model, optimizer, sequences, prompt_lengths, indices, cfg: SFTConfi
         # An empty micro-batch (fewer examples than ranks x micro-batches) runs example 0 with weight 0: every rank
         # must run the same forwards and backwards.
         packed = pack(sequences, [indices[j] for j in micro or [0]], prompt_lengths).to(device)
-        hidden = packed_hidden_states(model, packed)  # (N, H)
         rows, _ = completion_rows(packed)
-        head = model.get_output_embeddings().weight  # after the forward: under FSDP the gathered head
-        loss = fused_linear_cross_entropy(hidden[rows], head, packed.targets[rows], reduction="sum") / total
+        with autocast(cfg.model, device):
+            hidden = packed_hidden_states(model, packed)  # (N, H)
+            head = model.get_output_embeddings().weight  # after the forward: under FSDP the gathered head
+            loss = fused_linear_cross_entropy(hidden[rows], head, packed.targets[rows], reduction="sum") / total
         if not micro:
             loss = loss * 0.0
         packed_backward(model, loss)
@@ -138,11 +140,10 @@ def train(cfg: SFTConfig) -> list[dict]:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
-                                                 trust_remote_code=cfg.model.trust_remote_code).train()
+    model = load_pretrained(AutoModelForCausalLM, cfg.model.path, cfg.model, trainable=True).train()
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    model = shard_model(model).to(device)
+    model = shard_model(model, DTYPES[cfg.model.dtype]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   fused=True)
     sequences, prompt_lengths, skipped = load_examples(cfg.data, tokenizer)

@@ -108,23 +108,7 @@ def share_weights(llm, model: nn.Module, keep_packed: bool = False) -> bool:
     180M parameters) after each optimizer step. Returns whether that is needed. Raises ValueError (and changes
     nothing) when the two cannot share: different dtypes or devices, sharded (DTensor) parameters, unknown layout.
     """
-    vmodel = engine_model(llm)
-    params = dict(model.named_parameters())
-    plan = []
-    for vname, vparam in vmodel.named_parameters():
-        names = _sources(vname, params)
-        parts = [params[n] for n in names]
-        for n, p in zip(names, parts):
-            if type(p.data) is not torch.Tensor:
-                raise ValueError(f"cannot share {n}: it is a {type(p.data).__name__} (sharded); use weight reload")
-            if p.dtype != vparam.dtype or p.device != vparam.device:
-                raise ValueError(f"cannot share {n}: trainer {p.dtype}/{p.device} vs vLLM {vparam.dtype}/{vparam.device}"
-                                 "; use weight reload")
-        rows = sum(p.shape[0] for p in parts)
-        if vparam.numel() and (vparam.shape[0] < rows or vparam.shape[1:] != parts[0].shape[1:]):
-            raise ValueError(f"cannot share {vname}: vLLM shape {tuple(vparam.shape)} vs trainer rows {rows}")
-        plan.append((vname, vparam, names, parts))
-
+    plan = _weight_plan(llm, model, "share", same_dtype=True)
     for vname, vparam, names, parts in plan:
         # A plain vLLM tensor (possibly with padded vocab rows) is kept and filled, so that anything that captured
         # its address (CUDA graphs) stays valid; only tensors the CPU repack emptied are built anew.
@@ -140,16 +124,72 @@ def share_weights(llm, model: nn.Module, keep_packed: bool = False) -> bool:
             part.data = storage[offset: offset + part.shape[0]]
             offset += part.shape[0]
         vparam.data = storage
-    # CPU layers with a packed oneDNN copy: kept (repacked after each step), or computing from the shared weight.
-    # The embedding's copy (vLLM packs it in case it is the head) serves no lookup: dropped, unless it is the head.
+    return _settle_packed(llm, keep_packed)
+
+
+def _weight_plan(llm, model: nn.Module, what: str, same_dtype: bool) -> list:
+    """[(vLLM name, vLLM parameter, trainer names, trainer parameters)]: which trainer rows make up each vLLM
+    parameter. Raises ValueError when `what` ("share", "copy") cannot be done: sharded (DTensor) parameters,
+    another device (or dtype, same_dtype), an unknown layout."""
+    params = dict(model.named_parameters())
+    plan = []
+    for vname, vparam in engine_model(llm).named_parameters():
+        names = _sources(vname, params)
+        parts = [params[n] for n in names]
+        for n, p in zip(names, parts):
+            if type(p.data) is not torch.Tensor:
+                raise ValueError(f"cannot {what} {n}: it is a {type(p.data).__name__} (sharded); use weight reload")
+            if (same_dtype and p.dtype != vparam.dtype) or p.device != vparam.device:
+                raise ValueError(f"cannot {what} {n}: trainer {p.dtype}/{p.device} vs vLLM "
+                                 f"{vparam.dtype}/{vparam.device}; use {'copy or ' * (what == 'share')}reload")
+        rows = sum(p.shape[0] for p in parts)
+        if vparam.numel() and (vparam.shape[0] < rows or vparam.shape[1:] != parts[0].shape[1:]):
+            raise ValueError(f"cannot {what} {vname}: vLLM shape {tuple(vparam.shape)} vs trainer rows {rows}")
+        plan.append((vname, vparam, names, parts))
+    return plan
+
+
+def _settle_packed(llm, keep_packed: bool) -> bool:
+    """CPU layers with a packed oneDNN copy: kept (repacked after each step), or computing from the plain weight.
+    The embedding's copy (vLLM packs it in case it is the head) serves no lookup: dropped, unless it is the head.
+    Returns whether repacking after each step is needed."""
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
+    vmodel = engine_model(llm)
     head = getattr(vmodel, "lm_head", None)
     packed = [m for m in vmodel.modules() if hasattr(m, "cpu_linear")]
     for module in packed:
         if not keep_packed or (isinstance(module, VocabParallelEmbedding) and module is not head):
             module.cpu_linear = torch.nn.functional.linear
     return keep_packed and bool(packed)
+
+
+class WeightCopier:
+    """vLLM keeps weights of its own in its dtype (bf16 from the trainer's fp32 master weights, say); `copy()` casts
+    the trainer's into them in place, row blocks straight into vLLM's fused q/k/v and gate/up tensors: no loader, no
+    name mapping per step, no extra memory. Same device, unsharded parameters (else: reload_weights).
+
+    keep_packed (CPU): as in share_weights; the caller repacks after each copy when `repack` is True.
+    """
+
+    def __init__(self, llm, model: nn.Module, keep_packed: bool = False):
+        self.plan = _weight_plan(llm, model, "copy", same_dtype=False)
+        for _, vparam, _, parts in self.plan:
+            if not vparam.numel():  # emptied by the CPU repack at load: plain storage again, filled by copy()
+                vparam.data = torch.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=vparam.dtype,
+                                          device=vparam.device)
+        self.repack = _settle_packed(llm, keep_packed)
+        self.copy()
+
+    @torch.no_grad()
+    def copy(self) -> float:
+        start = time.perf_counter()
+        for _, vparam, _, parts in self.plan:
+            offset = 0
+            for part in parts:
+                vparam.data[offset: offset + part.shape[0]].copy_(part)
+                offset += part.shape[0]
+        return time.perf_counter() - start
 
 
 def _packed_layers(llm) -> list[nn.Module]:

@@ -23,7 +23,7 @@ def load(model_path):
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
 
 
-@pytest.fixture(scope="module", params=["zero_copy", "reload"])
+@pytest.fixture(scope="module", params=["zero_copy", "copy", "reload"])
 def setup(request, model_path):
     model = load(model_path)
     gen = VLLMGenerator(model_path, model, sync=request.param, dtype="float32", max_model_len=256, kv_cache_gib=1)
@@ -216,7 +216,7 @@ def test_hf_logprobs_are_of_the_distribution_sampled_from(model_path):
 
 def test_bad_input(model_path, monkeypatch):
     with pytest.raises(ValueError, match="sync must be"):
-        VLLMGenerator(model_path, None, sync="copy")
+        VLLMGenerator(model_path, None, sync="share")
     with pytest.raises(ValueError, match="needs the trainer's model"):
         VLLMGenerator(model_path, None, sync="zero_copy")
     with pytest.raises(ValueError, match="top_p"):
@@ -228,10 +228,10 @@ def test_bad_input(model_path, monkeypatch):
         vllm_bridge.check_version()
     bf16 = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
     monkeypatch.setattr(vllm, "__version__", vllm_bridge.TESTED_VERSIONS[0])
-    with pytest.raises(ValueError, match="cannot share .*bfloat16.*use weight reload"):
+    with pytest.raises(ValueError, match="cannot share .*bfloat16.*use copy or reload"):
         VLLMGenerator(model_path, bf16, sync="zero_copy", dtype="float32", max_model_len=256, kv_cache_gib=0.25)
     auto = VLLMGenerator(model_path, bf16, sync="auto", dtype="float32", max_model_len=256, kv_cache_gib=0.25)
-    assert auto.sync == "reload" and auto.sync_weights() > 0  # auto: what cannot be shared is reloaded
+    assert auto.sync == "copy" and auto.sync_weights() > 0  # auto: what cannot be shared is copied, cast
 
 
 def test_tiny_tokenizer_round_trips_text_as_loaded_by_transformers(tmp_path):

@@ -155,6 +155,34 @@ def test_bf16_inputs_torch_path():
     assert_close(w1.grad, w2.grad, dict(atol=2e-3, rtol=2e-2), "dweight")
 
 
+def test_autocast_computes_like_bf16_inputs_with_fp32_gradients():
+    """Under torch.autocast the fp32 leaves are cast on entry: the same numbers as bf16 leaves, but the gradients
+    come back in the leaves' fp32 (what a mixed-precision trainer's fp32 weights need)."""
+    hidden, weight, ids, mask, old, ref, adv = make_inputs()
+    config = GRPOLossConfig(beta=0.04)
+
+    def run(h, w):
+        loss, _ = fused_linear_grpo_loss(h, w, ids, adv, mask, old, ref, config, backend="torch",
+                                         chunk_bytes=SMALL_CHUNK)
+        logp = fused_linear_logprobs(h, w, ids, temperature=0.7, backend="torch", chunk_bytes=SMALL_CHUNK)
+        ce = fused_linear_cross_entropy(h, w, ids, backend="torch", chunk_bytes=SMALL_CHUNK)
+        (loss + (logp * mask).sum() + ce).backward()
+        return loss, logp, ce
+
+    h32, w32 = leaves(hidden, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = run(h32, w32)
+    h16, w16 = leaves(hidden.bfloat16(), weight.bfloat16())
+    plain = run(h16, w16)
+    assert h32.grad.dtype == w32.grad.dtype == torch.float32
+    for name, a, b in zip(("loss", "logp", "ce"), mixed, plain):
+        assert a.dtype == torch.float32
+        assert_close(a, b, dict(atol=1e-6, rtol=1e-6), name)
+    # the same gradients to bf16 rounding: the bf16 run sums the three ops' gradients in bf16, the mixed one in fp32
+    assert_close(h32.grad, h16.grad.float(), dict(atol=1e-2, rtol=1e-2), "dhidden")
+    assert_close(w32.grad, w16.grad.float(), dict(atol=1e-2, rtol=1e-2), "dweight")
+
+
 def test_bad_input():
     hidden, weight, ids, *_ = make_inputs()
     with pytest.raises(ValueError, match="hidden size"):

@@ -14,6 +14,9 @@ fused_linear_logprobs, whose upstream gradient is unknown at forward time, recom
 On the torch (CPU) path each chunk is swept in vocabulary tiles small enough to stay in cache, so the logits
 math runs on what the matmul just wrote instead of streaming the whole chunk through memory several times
 (_tiled_stats, _tiled_grad).
+
+Under torch.autocast the ops compute as an autocast linear would: hidden states and weight in the autocast dtype
+(an fp32 weight still gets an fp32 gradient), the log-softmax math and the per-token results in fp32.
 """
 
 from __future__ import annotations
@@ -27,6 +30,25 @@ from .grpo_loss import (
     GRPOLossConfig, finish_metrics, make_token_batch, metrics_dict, objective_grad,
 )
 from .logprobs import logits_backward, logits_forward
+
+
+def _autocast_inputs(hidden, weight):
+    """Under torch.autocast the ops compute like an autocast linear: hidden and weight cast to the autocast dtype
+    (the casts are differentiable, so an fp32 weight gets an fp32 gradient), log-softmax math in fp32."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight
+    dtype = torch.get_autocast_dtype(device_type)
+    return hidden.to(dtype), weight.to(dtype)
+
+
+def _without_autocast(fn):
+    """Run a sweep with autocast off: its fp32 parts (the target logit's dot product, the gradient sums over
+    tiles) must stay fp32, and its matmuls already see the dtype _autocast_inputs chose."""
+    def run(hidden, *args, **kwargs):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fn(hidden, *args, **kwargs)
+    return run
 
 
 def _chunk_grad_(z, ids, temperature, token_grad, with_entropy, backend):
@@ -51,6 +73,7 @@ def _chunk_plan(hidden, weight, chunk_bytes):
     return step, torch.empty(step, V, dtype=hidden.dtype, device=hidden.device)
 
 
+@_without_autocast
 def _eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, need_dh, need_dw, backend,
                  chunk_bytes):
     """The three-matmul loop. token_grad(logp_c, rows) -> dlogp_c. Returns (logp, entropy, dh, dW)."""
@@ -79,6 +102,7 @@ def _eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, nee
     return logp, entropy, dh, dw
 
 
+@_without_autocast
 def _forward_sweep(hidden, weight, ids, temperature, with_entropy, backend, chunk_bytes):
     """logp, lse, entropy for all rows, one matmul per chunk and no gradient."""
     if backend == "torch":
@@ -94,6 +118,7 @@ def _forward_sweep(hidden, weight, ids, temperature, with_entropy, backend, chun
     return out[0], out[1], out[2] if with_entropy else None
 
 
+@_without_autocast
 def _backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, need_dw, backend, chunk_bytes):
     """Recompute each logits chunk and apply dlogp: (dh, dW)."""
     if backend == "torch":
@@ -295,6 +320,7 @@ def fused_linear_logprobs(hidden, weight, ids, temperature=1.0, backend=None, ch
     reference log-prob passes (one matmul per chunk); its backward recomputes the logits chunk by chunk.
     """
     check_temperature(temperature)
+    hidden, weight = _autocast_inputs(hidden, weight)
     flat_h, flat_ids = _flatten_inputs(hidden, weight, ids)
     backend = resolve_backend(backend, hidden)
     return _FusedLinearLogprobs.apply(flat_h, weight, flat_ids, temperature, backend, chunk_bytes).view(ids.shape)
@@ -328,6 +354,7 @@ def fused_linear_cross_entropy(hidden, weight, ids, mask=None, reduction="mean",
     check_temperature(temperature)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    hidden, weight = _autocast_inputs(hidden, weight)
     flat_h, flat_ids = _flatten_inputs(hidden, weight, ids)
     keep = (flat_ids >= 0).float()
     if mask is not None:
@@ -399,6 +426,7 @@ def fused_linear_grpo_loss(
     frozen head skips dW); the other arguments as in `fastgrpo_kernels.grpo_loss`. Peak extra memory is one logits
     chunk of at most chunk_bytes (default 128 MiB on CPU, 1 GiB on CUDA) plus O(N) vectors. Returns (loss, metrics).
     """
+    hidden, weight = _autocast_inputs(hidden, weight)
     flat_h, flat_ids = _flatten_inputs(hidden, weight, ids)
     batch = make_token_batch(ids, advantages, mask, old_logp, ref_logp, is_weights, config, cu_seqlens, num_items)
     backend = resolve_backend(backend, hidden)

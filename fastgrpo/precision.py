@@ -1,0 +1,38 @@
+"""Mixed precision: weights, gradients and optimizer state in `model.param_dtype`, compute in `model.dtype`.
+
+bf16 weights cannot take the small steps RL fine-tuning makes. A weight of 0.02 has bf16 neighbours 1.2e-4
+apart, so an AdamW update of lr 1e-6 rounds back to the same weight: trained in bf16 at that rate, most weights
+never move (tests/test_precision.py measures it). The default therefore keeps the trainable weights in fp32 and
+runs the matmuls in `model.dtype`:
+
+    model: {dtype: bfloat16}                          bf16 compute, fp32 weights / gradients / AdamW state
+    model: {dtype: bfloat16, param_dtype: bfloat16}   everything bf16: half the memory, small updates lost
+    model: {dtype: float32}                           everything fp32 (the default; what CPU runs use)
+
+Under FSDP the cast is FSDP's (`distributed.shard_model`'s MixedPrecisionPolicy); in a single process it is
+torch.autocast (`autocast`), which the fused-linear ops of fastgrpo_kernels follow. Frozen models (the reference,
+a reward model that only scores) are loaded in `model.dtype`: nothing updates them. vLLM samples in
+`model.dtype`; its weights are then a copy refreshed by reload (generation.sync=auto), not shared storage.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig, check_precision
+from .distributed import world
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_pretrained(auto_class, path, cfg: ModelConfig, trainable: bool, **kwargs):
+    """`auto_class.from_pretrained` in param_dtype (trainable) or dtype (frozen)."""
+    check_precision(cfg)
+    dtype = DTYPES[cfg.param_dtype if trainable else cfg.dtype]
+    return auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
+
+
+def autocast(cfg: ModelConfig, device: torch.device) -> torch.autocast:
+    """torch.autocast to model.dtype when the weights are wider and no FSDP casts them; otherwise disabled."""
+    enabled = cfg.dtype != cfg.param_dtype and world()[1] == 1
+    return torch.autocast(device.type, dtype=DTYPES[cfg.dtype], enabled=enabled)
