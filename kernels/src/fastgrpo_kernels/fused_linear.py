@@ -33,13 +33,23 @@ from .logprobs import logits_backward, logits_forward
 
 
 def _autocast_inputs(hidden, weight):
-    """Under torch.autocast the ops compute like an autocast linear: hidden and weight cast to the autocast dtype
-    (the casts are differentiable, so an fp32 weight gets an fp32 gradient), log-softmax math in fp32."""
+    """(hidden, compute dtype). Under torch.autocast the ops compute like an autocast linear: hidden states and
+    weight in the autocast dtype, log-softmax math in fp32. hidden is cast here (a differentiable cast); the weight
+    inside the op, which sums dW straight into the weight's own dtype (fp32 for mixed precision's master weights):
+    no low-precision dW, no cast of it."""
     device_type = hidden.device.type
     if not torch.is_autocast_enabled(device_type):
-        return hidden, weight
+        return hidden, weight.dtype
     dtype = torch.get_autocast_dtype(device_type)
-    return hidden.to(dtype), weight.to(dtype)
+    return hidden.to(dtype), dtype
+
+
+def _add_mm(out, a, b):
+    """out += a @ b; a product in a narrower dtype than out's (bf16 tiles into fp32 sums) is added after it."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_(torch.mm(a, b))
 
 
 def _without_autocast(fn):
@@ -74,18 +84,19 @@ def _chunk_plan(hidden, weight, chunk_bytes):
 
 
 @_without_autocast
-def _eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, need_dh, need_dw, backend,
+def _eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, need_dh, dw_dtype, backend,
                  chunk_bytes):
-    """The three-matmul loop. token_grad(logp_c, rows) -> dlogp_c. Returns (logp, entropy, dh, dW)."""
+    """The three-matmul loop. token_grad(logp_c, rows) -> dlogp_c. Returns (logp, entropy, dh, dW); dW in dw_dtype
+    (None: no dW)."""
     if backend == "torch":
-        return _torch_eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, need_dh, need_dw,
+        return _torch_eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, need_dh, dw_dtype,
                                   chunk_bytes)
     N = hidden.shape[0]
     step, buf = _chunk_plan(hidden, weight, chunk_bytes)
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(logp) if with_entropy else None
     dh = torch.empty_like(hidden) if need_dh else None
-    dw = torch.zeros_like(weight) if need_dw else None
+    dw = torch.zeros_like(weight) if dw_dtype else None  # summed in the weight's dtype, cast once at the end
     for start in range(0, N, step):
         rows = slice(start, min(start + step, N))
         h = hidden[rows]
@@ -97,9 +108,9 @@ def _eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, nee
         dz = z.to(weight.dtype)
         if need_dh:
             torch.mm(dz, weight, out=dh[rows])
-        if need_dw:
+        if dw_dtype:
             dw.addmm_(dz.t(), h.to(weight.dtype))
-    return logp, entropy, dh, dw
+    return logp, entropy, dh, None if dw is None else dw.to(dw_dtype)
 
 
 @_without_autocast
@@ -119,14 +130,14 @@ def _forward_sweep(hidden, weight, ids, temperature, with_entropy, backend, chun
 
 
 @_without_autocast
-def _backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, need_dw, backend, chunk_bytes):
-    """Recompute each logits chunk and apply dlogp: (dh, dW)."""
+def _backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, dw_dtype, backend, chunk_bytes):
+    """Recompute each logits chunk and apply dlogp: (dh, dW in dw_dtype or None)."""
     if backend == "torch":
-        return _torch_backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, need_dw, chunk_bytes)
+        return _torch_backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, dw_dtype, chunk_bytes)
     N = hidden.shape[0]
     step, buf = _chunk_plan(hidden, weight, chunk_bytes)
     dh = torch.empty_like(hidden) if need_dh else None
-    dw = torch.zeros_like(weight) if need_dw else None
+    dw = torch.zeros_like(weight) if dw_dtype else None
     for start in range(0, N, step):
         rows = slice(start, min(start + step, N))
         h = hidden[rows]
@@ -136,9 +147,9 @@ def _backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, need_
         dz = z.to(weight.dtype)
         if need_dh:
             torch.mm(dz, weight, out=dh[rows])
-        if need_dw:
+        if dw_dtype:
             dw.addmm_(dz.t(), h.to(weight.dtype))
-    return dh, dw
+    return dh, None if dw is None else dw.to(dw_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,12 +215,10 @@ def _tiled_grad(h, weight, ids, lse, g, tiles, z_tiles, dh, dw, recompute_inv_t=
             if recompute_inv_t != 1.0:
                 z.mul_(recompute_inv_t)
         dz = z.sub_(lse[:, None]).exp_().mul_(-g[:, None]).to(weight.dtype)  # -g p
-        if dh is not None and dz.dtype == dh.dtype:
-            dh.addmm_(dz, weight[v0:v1])
-        elif dh is not None:  # bf16 tile products, summed over the tiles in fp32
-            dh.add_(torch.mm(dz, weight[v0:v1]))
-        if dw is not None:
-            dw[v0:v1].addmm_(dz.t(), h)
+        if dh is not None:  # fp32 sums (of bf16 tile products, for bf16 inputs)
+            _add_mm(dh, dz, weight[v0:v1])
+        if dw is not None:  # in dW's own dtype (fp32 for an fp32 weight computed in bf16)
+            _add_mm(dw[v0:v1], dz.t(), h)
     if dh is not None:
         dh.add_(weight[ids].float() * g[:, None])
     if dw is not None:
@@ -228,7 +237,7 @@ def _tile_buffers(rows, V, device, store_all):
     return tiles, lambda c: [flat[: c * (v1 - v0)].view(c, v1 - v0) for v0, v1 in tiles]
 
 
-def _torch_eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, need_dh, need_dw, chunk_bytes):
+def _torch_eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, need_dh, dw_dtype, chunk_bytes):
     N, V = hidden.shape[0], weight.shape[0]
     step = rows_per_chunk(N, V * 4, chunk_bytes, hidden.device)
     tiles, buffers = _tile_buffers(step, V, hidden.device, store_all=True)
@@ -236,7 +245,7 @@ def _torch_eager_sweep(hidden, weight, ids, temperature, token_grad, with_entrop
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(logp) if with_entropy else None
     dh = torch.zeros(hidden.shape, device=hidden.device) if need_dh else None  # fp32: summed over the tiles
-    dw = torch.zeros_like(weight) if need_dw else None
+    dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device) if dw_dtype else None
     for start in range(0, N, step):
         rows = slice(start, min(start + step, N))
         h, z_tiles = hidden[rows], buffers(min(step, N - start))
@@ -263,19 +272,28 @@ def _torch_forward_sweep(hidden, weight, ids, temperature, with_entropy, chunk_b
     return out[0], out[1], out[2] if with_entropy else None
 
 
-def _torch_backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, need_dw, chunk_bytes):
+def _torch_backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, dw_dtype, chunk_bytes):
     N, V = hidden.shape[0], weight.shape[0]
     step = rows_per_chunk(N, V * 4 // FORWARD_ROWS_FACTOR, chunk_bytes, hidden.device)
     tiles, buffers = _tile_buffers(step, V, hidden.device, store_all=False)
     inv_t = 1.0 / temperature
     dh = torch.zeros(hidden.shape, device=hidden.device) if need_dh else None  # fp32: summed over the tiles
-    dw = torch.zeros_like(weight) if need_dw else None
+    dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device) if dw_dtype else None
     for start in range(0, N, step):
         rows = slice(start, min(start + step, N))
         h = hidden[rows]
         _tiled_grad(h, weight, ids[rows], lse[rows], dlogp[rows] * inv_t, tiles, buffers(h.shape[0]),
                     None if dh is None else dh[rows], dw, recompute_inv_t=inv_t)
     return None if dh is None else dh.to(hidden.dtype), dw
+
+
+def _compute_weight(weight, dtype):
+    """The weight in the compute dtype: itself, or a cast copy (no autograd: the ops return dW themselves)."""
+    return weight if weight.dtype == dtype else weight.detach().to(dtype)
+
+
+def _dw_dtype(ctx, weight):
+    return weight.dtype if ctx.needs_input_grad[1] else None
 
 
 def _scaled(grad, scale):
@@ -298,19 +316,20 @@ def _flatten_inputs(hidden, weight, ids):
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, ids, temperature, backend, chunk_bytes):
-        logp, lse, _ = _forward_sweep(hidden, weight, ids, temperature, False, backend, chunk_bytes)
+    def forward(ctx, hidden, weight, ids, temperature, backend, chunk_bytes, dtype):
+        logp, lse, _ = _forward_sweep(hidden, _compute_weight(weight, dtype), ids, temperature, False, backend,
+                                      chunk_bytes)
         ctx.save_for_backward(hidden, weight, ids, lse)
-        ctx.config = (temperature, backend, chunk_bytes)
+        ctx.config = (temperature, backend, chunk_bytes, dtype)
         return logp
 
     @staticmethod
     def backward(ctx, dlogp):
         hidden, weight, ids, lse = ctx.saved_tensors
-        temperature, backend, chunk_bytes = ctx.config
-        dh, dw = _backward_sweep(hidden, weight, ids, lse, dlogp.float().contiguous(), temperature,
-                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1], backend, chunk_bytes)
-        return dh, dw, None, None, None, None
+        temperature, backend, chunk_bytes, dtype = ctx.config
+        dh, dw = _backward_sweep(hidden, _compute_weight(weight, dtype), ids, lse, dlogp.float().contiguous(),
+                                 temperature, ctx.needs_input_grad[0], _dw_dtype(ctx, weight), backend, chunk_bytes)
+        return dh, dw, None, None, None, None, None
 
 
 def fused_linear_logprobs(hidden, weight, ids, temperature=1.0, backend=None, chunk_bytes=None):
@@ -320,10 +339,11 @@ def fused_linear_logprobs(hidden, weight, ids, temperature=1.0, backend=None, ch
     reference log-prob passes (one matmul per chunk); its backward recomputes the logits chunk by chunk.
     """
     check_temperature(temperature)
-    hidden, weight = _autocast_inputs(hidden, weight)
+    hidden, dtype = _autocast_inputs(hidden, weight)
     flat_h, flat_ids = _flatten_inputs(hidden, weight, ids)
     backend = resolve_backend(backend, hidden)
-    return _FusedLinearLogprobs.apply(flat_h, weight, flat_ids, temperature, backend, chunk_bytes).view(ids.shape)
+    return _FusedLinearLogprobs.apply(flat_h, weight, flat_ids, temperature, backend, chunk_bytes,
+                                      dtype).view(ids.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -332,16 +352,17 @@ def fused_linear_logprobs(hidden, weight, ids, temperature=1.0, backend=None, ch
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, ids, token_weights, temperature, backend, chunk_bytes):
-        logp, _, dh, dw = _eager_sweep(hidden, weight, ids, temperature, lambda lp, rows: -token_weights[rows],
-                                       False, ctx.needs_input_grad[0], ctx.needs_input_grad[1], backend, chunk_bytes)
+    def forward(ctx, hidden, weight, ids, token_weights, temperature, backend, chunk_bytes, dtype):
+        logp, _, dh, dw = _eager_sweep(hidden, _compute_weight(weight, dtype), ids, temperature,
+                                       lambda lp, rows: -token_weights[rows], False, ctx.needs_input_grad[0],
+                                       _dw_dtype(ctx, weight), backend, chunk_bytes)
         ctx.save_for_backward(dh, dw)
         return -(logp * token_weights).sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
         dh, dw = ctx.saved_tensors
-        return _scaled(dh, grad_loss), _scaled(dw, grad_loss), None, None, None, None, None
+        return _scaled(dh, grad_loss), _scaled(dw, grad_loss), None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden, weight, ids, mask=None, reduction="mean", temperature=1.0, backend=None,
@@ -354,7 +375,7 @@ def fused_linear_cross_entropy(hidden, weight, ids, mask=None, reduction="mean",
     check_temperature(temperature)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    hidden, weight = _autocast_inputs(hidden, weight)
+    hidden, dtype = _autocast_inputs(hidden, weight)
     flat_h, flat_ids = _flatten_inputs(hidden, weight, ids)
     keep = (flat_ids >= 0).float()
     if mask is not None:
@@ -362,7 +383,7 @@ def fused_linear_cross_entropy(hidden, weight, ids, mask=None, reduction="mean",
     token_weights = keep / keep.sum().clamp(min=1) if reduction == "mean" else keep
     backend = resolve_backend(backend, hidden)
     return _FusedLinearCrossEntropy.apply(flat_h, weight, flat_ids.clamp(min=0), token_weights, temperature, backend,
-                                          chunk_bytes)
+                                          chunk_bytes, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -371,8 +392,9 @@ def fused_linear_cross_entropy(hidden, weight, ids, mask=None, reduction="mean",
 
 class _FusedLinearGRPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, ids, batch, config, backend, chunk_bytes):
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, ids, batch, config, backend, chunk_bytes, dtype):
+        need_dh, dw_dtype = ctx.needs_input_grad[0], _dw_dtype(ctx, weight)
+        weight = _compute_weight(weight, dtype)
         with_entropy = config.compute_entropy
         if config.importance_level == "token":
             totals = []
@@ -383,14 +405,14 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
                 return dlogp
 
             _, entropy, dh, dw = _eager_sweep(hidden, weight, ids, config.temperature, token_grad, with_entropy,
-                                              need_dh, need_dw, backend, chunk_bytes)
+                                              need_dh, dw_dtype, backend, chunk_bytes)
             loss, sums = torch.stack(totals).sum(0).split([1, len(totals[0]) - 1])
             loss = loss.squeeze(0)
         else:
             logp, lse, entropy = _forward_sweep(hidden, weight, ids, config.temperature, with_entropy, backend,
                                                 chunk_bytes)
             loss, dlogp, sums = objective_grad(logp, batch, config)
-            dh, dw = _backward_sweep(hidden, weight, ids, lse, dlogp, config.temperature, need_dh, need_dw, backend,
+            dh, dw = _backward_sweep(hidden, weight, ids, lse, dlogp, config.temperature, need_dh, dw_dtype, backend,
                                      chunk_bytes)
         entropy_sum = (entropy * batch.mask).sum() if with_entropy else None
         metrics = finish_metrics(sums, entropy_sum, batch)
@@ -401,7 +423,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
         dh, dw = ctx.saved_tensors
-        return _scaled(dh, grad_loss), _scaled(dw, grad_loss), None, None, None, None, None
+        return _scaled(dh, grad_loss), _scaled(dw, grad_loss), None, None, None, None, None, None
 
 
 def fused_linear_grpo_loss(
@@ -426,9 +448,9 @@ def fused_linear_grpo_loss(
     frozen head skips dW); the other arguments as in `fastgrpo_kernels.grpo_loss`. Peak extra memory is one logits
     chunk of at most chunk_bytes (default 128 MiB on CPU, 1 GiB on CUDA) plus O(N) vectors. Returns (loss, metrics).
     """
-    hidden, weight = _autocast_inputs(hidden, weight)
+    hidden, dtype = _autocast_inputs(hidden, weight)
     flat_h, flat_ids = _flatten_inputs(hidden, weight, ids)
     batch = make_token_batch(ids, advantages, mask, old_logp, ref_logp, is_weights, config, cu_seqlens, num_items)
     backend = resolve_backend(backend, hidden)
-    loss, metrics = _FusedLinearGRPOLoss.apply(flat_h, weight, flat_ids, batch, config, backend, chunk_bytes)
+    loss, metrics = _FusedLinearGRPOLoss.apply(flat_h, weight, flat_ids, batch, config, backend, chunk_bytes, dtype)
     return loss, metrics_dict(metrics, config)
