@@ -93,3 +93,22 @@ def test_vllm_samples_in_bf16_from_fp32_weights(model_path, sync):
     assert gen.sync_weights() > 0
     synced = error(gen.generate(prompts, sampling))
     assert synced < 0.1 < stale, (synced, stale)
+
+
+def test_sft_in_mixed_precision(model_path, tmp_path):
+    """SFT with bf16 compute: the loss is the fp32 run's to bf16 precision, and the fp32 weights take lr-1e-6 steps."""
+    from fastgrpo.sft import SFTConfig
+    from fastgrpo.sft import train as sft_train
+
+    def run(name, *overrides):
+        cfg = load_config(SFTConfig, None, [
+            f"model.path={model_path}", f"log.run_dir={tmp_path / name}", "log.tensorboard=false",
+            "data.num_examples=64", "data.max_length=64", "train.sequences_per_step=8", "train.steps=1",
+            "train.micro_batch_tokens=128", "train.lr=1e-6", "train.weight_decay=0", *overrides])
+        (step,) = sft_train(cfg)
+        return step["loss"], changed_fraction(tmp_path / name, model_path)
+
+    loss32, _ = run("fp32")
+    loss16, (moved, dtypes) = run("mixed", "model.dtype=bfloat16")
+    assert loss16 == pytest.approx(loss32, rel=2e-2) and loss16 != loss32
+    assert dtypes == {torch.float32} and moved > 0.5, moved
