@@ -124,6 +124,7 @@ class GRPOConfig:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "dtype": ("auto", "float32", "bfloat16"),  # evaluation and rejection sampling: vLLM's
     "data.long_prompts": ("skip", "error"),
     "generation.backend": ("vllm", "hf"),
     "generation.sync": ("auto", "zero_copy", "copy", "reload"),

@@ -38,6 +38,7 @@ class EvalConfig:
     top_p: float = 0.95
     max_completion_length: int = 64
     kv_cache_gib: float = 0.25
+    dtype: str = "auto"  # vLLM's: auto (the checkpoint's) | float32 | bfloat16 (fp32 mixed-precision checkpoints)
     seed: int = 0
     out: str | None = None  # also write the results here as JSON
 
@@ -53,7 +54,8 @@ def make_sampler_llm(cfg: EvalConfig):
     if cfg.backend != "vllm":
         raise ValueError(f"backend must be 'vllm' or 'hf', got {cfg.backend!r}")
     generator = VLLMGenerator(cfg.model, None, sync="none", max_model_len=cfg.data.max_prompt_length +
-                              cfg.max_completion_length, kv_cache_gib=cfg.kv_cache_gib, seed=cfg.seed)
+                              cfg.max_completion_length, kv_cache_gib=cfg.kv_cache_gib, seed=cfg.seed,
+                              dtype=cfg.dtype)
     return generator, tokenizer
 
 

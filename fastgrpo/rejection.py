@@ -42,6 +42,7 @@ class RejectionConfig:
     general_fraction: float = 0.3  # share of the written rows that are general data
     out: str = "runs/rejection/dataset.jsonl"
     kv_cache_gib: float = 0.25
+    dtype: str = "auto"  # vLLM's: auto (the checkpoint's) | float32 | bfloat16 (fp32 mixed-precision checkpoints)
     seed: int = 0
 
 
@@ -144,7 +145,7 @@ def run(cfg: RejectionConfig) -> dict:
         return json.loads(summary_path.read_text())
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     generator = VLLMGenerator(cfg.model, None, sync="none", seed=cfg.seed, kv_cache_gib=cfg.kv_cache_gib,
-                              max_model_len=cfg.data.max_prompt_length + cfg.max_completion_length)
+                              max_model_len=cfg.data.max_prompt_length + cfg.max_completion_length, dtype=cfg.dtype)
     rows, counts = accepted_samples(generator, tokenizer, cfg)
     if not rows:
         raise RuntimeError(f"rejection sampling kept no completion of {counts.get('sampled', 0)} ({counts})")

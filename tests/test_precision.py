@@ -112,3 +112,17 @@ def test_sft_in_mixed_precision(model_path, tmp_path):
     loss16, (moved, dtypes) = run("mixed", "model.dtype=bfloat16")
     assert loss16 == pytest.approx(loss32, rel=2e-2) and loss16 != loss32
     assert dtypes == {torch.float32} and moved > 0.5, moved
+
+
+def test_evaluation_samples_an_fp32_checkpoint_in_bf16(model_path):
+    """A mixed-precision run's checkpoints hold fp32 weights; evaluation and rejection sampling take a vLLM dtype."""
+    pytest.importorskip("vllm")
+    from fastgrpo import vllm_bridge
+    from fastgrpo.evaluate import EvalConfig, make_sampler_llm
+    from fastgrpo.rejection import RejectionConfig
+
+    with pytest.raises(ConfigError, match="dtype='fp16' is not one of"):
+        load_config(RejectionConfig, None, [f"model={model_path}", "dtype=fp16"])
+    cfg = load_config(EvalConfig, None, [f"model={model_path}", "dtype=bfloat16", "kv_cache_gib=0.05"])
+    generator, _ = make_sampler_llm(cfg)
+    assert {p.dtype for p in vllm_bridge.engine_model(generator.llm).parameters()} == {torch.bfloat16}
