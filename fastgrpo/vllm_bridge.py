@@ -167,29 +167,70 @@ def _settle_packed(llm, keep_packed: bool) -> bool:
 class WeightCopier:
     """vLLM keeps weights of its own in its dtype (bf16 from the trainer's fp32 master weights, say); `copy()` casts
     the trainer's into them in place, row blocks straight into vLLM's fused q/k/v and gate/up tensors: no loader, no
-    name mapping per step, no extra memory. Same device, unsharded parameters (else: reload_weights).
+    name mapping per step. Same device, unsharded parameters (else: reload_weights).
 
-    keep_packed (CPU): as in share_weights; the caller repacks after each copy when `repack` is True.
+    keep_packed (CPU): the layers vLLM computes from oneDNN-packed copies keep no plain weight at all (as after
+    vLLM's own load); `repack_layers()` builds each one's packed copy from a cast of the trainer's rows, one layer
+    at a time, and `copy()` fills only the plain weights vLLM reads (embeddings, norms; a tied head is both). The
+    caller repacks after each copy when `repack` is True.
     """
 
     def __init__(self, llm, model: nn.Module, keep_packed: bool = False):
         self.plan = _weight_plan(llm, model, "copy", same_dtype=False)
-        for _, vparam, _, parts in self.plan:
-            if not vparam.numel():  # emptied by the CPU repack at load: plain storage again, filled by copy()
-                vparam.data = torch.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=vparam.dtype,
-                                          device=vparam.device)
         self.repack = _settle_packed(llm, keep_packed)
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+        packed_weights = {id(m.weight): m for m in _packed_layers(llm)} if self.repack else {}
+        self.packed = []  # (module, vLLM parameter, trainer parts or None: repack from the plain weight)
+        self.plain = []  # (vLLM parameter, trainer parts): filled by copy()
+        for _, vparam, _, parts in self.plan:
+            module = packed_weights.get(id(vparam))
+            if module is not None and not isinstance(module, VocabParallelEmbedding):
+                self.packed.append((module, vparam, parts))
+                vparam.data = vparam.data.new_empty(0)  # vLLM's own load may have kept it: only the packed copy runs
+                continue
+            if not vparam.numel():  # emptied at load, but read plainly here (a lookup, an unpacked layer)
+                vparam.data = torch.empty(_rows_shape(parts), dtype=vparam.dtype, device=vparam.device)
+            self.plain.append((vparam, parts))
+            if module is not None:  # a tied head: looked up plainly, multiplied packed
+                self.packed.append((module, vparam, None))
         self.copy()
 
     @torch.no_grad()
     def copy(self) -> float:
         start = time.perf_counter()
-        for _, vparam, _, parts in self.plan:
-            offset = 0
-            for part in parts:
-                vparam.data[offset: offset + part.shape[0]].copy_(part)
-                offset += part.shape[0]
+        for vparam, parts in self.plain:
+            _copy_rows(vparam.data, parts)
         return time.perf_counter() - start
+
+    @torch.no_grad()
+    def repack_layers(self) -> float:
+        """Rebuild every packed layer from the trainer's current weights; returns seconds."""
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        start = time.perf_counter()
+        for module, vparam, parts in self.packed:
+            module.cpu_linear = None  # the old copy goes first: never two at once
+            if parts is None:  # packed from the plain weight copy() filled
+                dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+                continue
+            vparam.data = torch.empty(_rows_shape(parts), dtype=vparam.dtype, device=vparam.device)
+            _copy_rows(vparam.data, parts)
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            vparam.data = vparam.data.new_empty(0)
+        return time.perf_counter() - start
+
+
+def _rows_shape(parts) -> tuple:
+    return (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+
+
+def _copy_rows(out: torch.Tensor, parts) -> None:
+    """The trainer's tensors, stacked by rows, cast into `out`'s first rows."""
+    offset = 0
+    for part in parts:
+        out[offset: offset + part.shape[0]].copy_(part)
+        offset += part.shape[0]
 
 
 def _packed_layers(llm) -> list[nn.Module]:

@@ -78,12 +78,13 @@ def test_reload_in_buckets(model_path):
     assert max_logprob_error(model, PROMPTS, out, TEMPERATURE) < 1e-4
 
 
-def test_zero_copy_with_a_tied_head(tmp_path):
-    """A tied head is a vLLM module of its own over the embedding's parameter: it must compute from the shared
-    weight too (its oneDNN-packed copy would keep the initial weights)."""
+@pytest.mark.parametrize("sync", ["zero_copy", "copy"])
+def test_tied_head(tmp_path, sync):
+    """A tied head is a vLLM module of its own over the embedding's parameter: it must compute from the current
+    weights too (its oneDNN-packed copy would keep the initial ones), and lookups still need the plain weight."""
     path = build_tiny_model(tmp_path / "tied", tie_embeddings=True)
     model = load(path)
-    gen = VLLMGenerator(path, model, sync="zero_copy", dtype="float32", max_model_len=256, kv_cache_gib=0.25)
+    gen = VLLMGenerator(path, model, sync=sync, dtype="float32", max_model_len=256, kv_cache_gib=0.25)
     sampling = SamplingConfig(n=3, temperature=TEMPERATURE, max_tokens=16, seed=0)
     train_step(model, seed=0)
     gen.sync_weights()

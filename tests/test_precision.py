@@ -71,9 +71,12 @@ def test_vllm_samples_in_bf16_from_fp32_weights(model_path, sync):
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     gen = VLLMGenerator(model_path, model, sync=sync, dtype="bfloat16", max_model_len=128, kv_cache_gib=0.25)
     assert gen.sync == ("copy" if sync == "auto" else sync)
-    with torch.no_grad():  # an "update" large enough to change what is sampled
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    def update():  # large enough to change what is sampled
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+
+    update()
     prompts = [[1, 10, 11, 12], [1, 20, 21]]
     sampling = SamplingConfig(n=2, temperature=0.8, max_tokens=12, seed=0)
 
@@ -93,6 +96,10 @@ def test_vllm_samples_in_bf16_from_fp32_weights(model_path, sync):
     assert gen.sync_weights() > 0
     synced = error(gen.generate(prompts, sampling))
     assert synced < 0.1 < stale, (synced, stale)
+    if gen.sync == "copy":  # woken without a sync, it rebuilds from the trainer's current weights, as a sync would
+        update()
+        gen.sleep()
+        assert error(gen.generate(prompts, sampling)) < 0.1
 
 
 def test_sft_in_mixed_precision(model_path, tmp_path):
