@@ -59,7 +59,8 @@ class VLLMGenerator:
     step on a 180M-parameter model: at decode shapes they run up to ~3x faster than a plain linear). "reload" keeps
     vLLM's own weights and copies the trainer's into them in place on `sync_weights()` (1.3-1.9 s on that model).
     "copy" keeps vLLM's own weights in its dtype and casts the trainer's into them in place, tensor by tensor
-    (mixed precision: fp32 master weights, bf16 sampling; fastgrpo/precision.py).
+    (mixed precision: fp32 master weights, bf16 sampling; fastgrpo/precision.py); on CPU the packed layers keep no
+    plain weight and are repacked from casts of the trainer's.
     "auto" (the default) is zero_copy where the weights can be shared (same dtype and device, not FSDP shards),
     else copy where only the dtype differs, else reload (bench/GENERATION.md).
     sync="none" (no trainer model): vLLM samples from the checkpoint's weights, for evaluation and rejection
