@@ -178,18 +178,20 @@ class WeightCopier:
     def __init__(self, llm, model: nn.Module, keep_packed: bool = False):
         self.plan = _weight_plan(llm, model, "copy", same_dtype=False)
         self.repack = _settle_packed(llm, keep_packed)
-        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
-
-        packed_weights = {id(m.weight): m for m in _packed_layers(llm)} if self.repack else {}
-        self.packed = []  # (module, vLLM parameter, trainer parts or None: repack from the plain weight)
+        packed_modules = _packed_layers(llm) if self.repack else []
+        packed_weights = {id(m.weight): m for m in packed_modules}
+        # weights some module reads as they are: an embedding's lookups (also a tied head's), unpacked layers
+        read_plainly = {id(m.weight) for m in engine_model(llm).modules()
+                        if isinstance(getattr(m, "weight", None), torch.Tensor) and m not in packed_modules}
+        self.packed = []  # (module, vLLM parameter, trainer parts, or None: packed from the plain weight)
         self.plain = []  # (vLLM parameter, trainer parts): filled by copy()
         for _, vparam, _, parts in self.plan:
             module = packed_weights.get(id(vparam))
-            if module is not None and not isinstance(module, VocabParallelEmbedding):
+            if module is not None and id(vparam) not in read_plainly:
                 self.packed.append((module, vparam, parts))
                 vparam.data = vparam.data.new_empty(0)  # vLLM's own load may have kept it: only the packed copy runs
                 continue
-            if not vparam.numel():  # emptied at load, but read plainly here (a lookup, an unpacked layer)
+            if not vparam.numel():  # emptied at load, but read plainly here
                 vparam.data = torch.empty(_rows_shape(parts), dtype=vparam.dtype, device=vparam.device)
             self.plain.append((vparam, parts))
             if module is not None:  # a tied head: looked up plainly, multiplied packed
