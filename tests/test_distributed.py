@@ -170,13 +170,16 @@ SFT_ARGS = [
 
 
 def run_job(model_dir: str, work: Path, job: str) -> list[dict]:
-    """JOB is TRAINER:RUN:STEPS[:BACKEND]: GRPO with the scripted generator (or BACKEND hf / vllm), or SFT."""
+    """JOB is TRAINER:RUN:STEPS[:BACKEND][:KEY=VALUE ...]: GRPO with the scripted generator (or BACKEND hf / vllm),
+    or SFT; config overrides last."""
     import fastgrpo.grpo as grpo
     from fastgrpo import sft
     from fastgrpo.config import GRPOConfig, load_config
 
-    trainer, run, steps, *backend = job.split(":")
-    common = [f"model.path={model_dir}", f"log.run_dir={work / f'{trainer}-{run}'}", f"train.steps={steps}"]
+    trainer, run, steps, *rest = job.split(":")
+    backend = [r for r in rest if "=" not in r]
+    common = [f"model.path={model_dir}", f"log.run_dir={work / f'{trainer}-{run}'}", f"train.steps={steps}",
+              *(r for r in rest if "=" in r)]
     if trainer == "sft":
         return sft.train(load_config(sft.SFTConfig, None, [*SFT_ARGS, *common]))
     if backend:
@@ -309,7 +312,8 @@ def test_trainers_on_one_and_two_ranks_and_resume_across_world_sizes(tmp_path):
     one = _run([], "train", [model, work, "grpo:a:2", "sft:a:2"], tmp_path, "one")
     for trainer in ("grpo", "sft"):
         _seed_from(work / f"{trainer}-a", work / f"{trainer}-c", step=1)
-    two = _run(TORCHRUN, "train", [model, work, "grpo:b:1", "grpo:c:2", "sft:b:1", "sft:c:2", "grpo:hf:1:hf"],
+    mixed = "grpo:mixed:1:hf:model.dtype=bfloat16:train.lr=1e-6:train.weight_decay=0"
+    two = _run(TORCHRUN, "train", [model, work, "grpo:b:1", "grpo:c:2", "sft:b:1", "sft:c:2", "grpo:hf:1:hf", mixed],
                tmp_path, "two")
     back = _run([], "train", [model, work, "grpo:b:2", "sft:b:2"], tmp_path, "back")  # 2 ranks' checkpoint, 1 rank
     assert (one["world_size"], two["world_size"], back["world_size"]) == (1, 2, 1)
@@ -330,6 +334,15 @@ def test_trainers_on_one_and_two_ranks_and_resume_across_world_sizes(tmp_path):
     (hf_step,) = two["grpo:hf:1:hf"]
     for key in ("reward/mean", "loss/entropy", "grad_norm", "completion/length_mean"):
         assert torch.isfinite(torch.tensor(hf_step[key])), key
+    # bf16 compute under FSDP (its MixedPrecisionPolicy): fp32 weights that take lr-1e-6 steps (tests/test_precision)
+    from safetensors.torch import load_file
+
+    (mixed_step,) = two[mixed]
+    assert mixed_step["bad_updates"] == 0
+    trained, base = load_file(ckpt("grpo-mixed", 1) / "model.safetensors"), load_file(model / "model.safetensors")
+    assert {w.dtype for w in trained.values()} == {torch.float32}
+    moved = sum(int((w != base[n]).sum()) for n, w in trained.items()) / sum(w.numel() for w in trained.values())
+    assert moved > 0.5, moved
 
 
 def test_vllm_generates_on_each_of_two_ranks(tmp_path):
