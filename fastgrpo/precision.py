@@ -12,7 +12,8 @@ runs the matmuls in `model.dtype`:
 Under FSDP the cast is FSDP's (`distributed.shard_model`'s MixedPrecisionPolicy); in a single process it is
 torch.autocast (`autocast`), which the fused-linear ops of fastgrpo_kernels follow. Frozen models (the reference,
 a reward model that only scores) are loaded in `model.dtype`: nothing updates them. vLLM samples in
-`model.dtype`; its weights are then a copy refreshed by reload (generation.sync=auto), not shared storage.
+`model.dtype` from weights of its own, into which each step casts the trainer's (generation.sync=auto picks copy):
+fp32 storage cannot be shared with a bf16 engine.
 """
 
 from __future__ import annotations
