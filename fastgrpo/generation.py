@@ -108,7 +108,8 @@ class VLLMGenerator:
             if not self.repack:
                 return seconds
             self.packed = True
-            return seconds + self._repack()
+            # zero_copy: from the shared weights; copy: from casts of the trainer's, vLLM keeping no plain copy
+            return seconds + (self.copier.repack_layers() if self.copier else vllm_bridge.repack(self.llm))
         if self.sync == "none":
             raise RuntimeError("this generator has no trainer model to take weights from (sync='none')")
         # Full tensors, gathered one at a time when the trainer holds FSDP shards (a no-op otherwise), cast to vLLM's
@@ -127,15 +128,8 @@ class VLLMGenerator:
         self._ensure_packed()
 
     def _ensure_packed(self):
-        if not self.packed:  # from the trainer's current weights, as a sync would (copy: all of them)
-            if self.copier:
-                self.copier.copy()
-            self._repack()
-            self.packed = True
-
-    def _repack(self) -> float:
-        # zero_copy: from the shared weights; copy: from casts of the trainer's, vLLM keeping no plain copy
-        return self.copier.repack_layers() if self.copier else vllm_bridge.repack(self.llm)
+        if not self.packed:  # only sleep() unpacks, and only in zero_copy / copy: a sync rebuilds them
+            self.sync_weights()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         from vllm import SamplingParams, TokensPrompt

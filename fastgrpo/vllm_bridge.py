@@ -176,7 +176,7 @@ class WeightCopier:
     """
 
     def __init__(self, llm, model: nn.Module, keep_packed: bool = False):
-        self.plan = _weight_plan(llm, model, "copy", same_dtype=False)
+        plan = _weight_plan(llm, model, "copy", same_dtype=False)
         self.repack = _settle_packed(llm, keep_packed)
         packed_modules = _packed_layers(llm) if self.repack else []
         packed_weights = {id(m.weight): m for m in packed_modules}
@@ -185,7 +185,7 @@ class WeightCopier:
                         if isinstance(getattr(m, "weight", None), torch.Tensor) and m not in packed_modules}
         self.packed = []  # (module, vLLM parameter, trainer parts, or None: packed from the plain weight)
         self.plain = []  # (vLLM parameter, trainer parts): filled by copy()
-        for _, vparam, _, parts in self.plan:
+        for _, vparam, _, parts in plan:
             module = packed_weights.get(id(vparam))
             if module is not None and id(vparam) not in read_plainly:
                 self.packed.append((module, vparam, parts))
@@ -208,17 +208,14 @@ class WeightCopier:
     @torch.no_grad()
     def repack_layers(self) -> float:
         """Rebuild every packed layer from the trainer's current weights; returns seconds."""
-        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
         start = time.perf_counter()
         for module, vparam, parts in self.packed:
-            module.cpu_linear = None  # the old copy goes first: never two at once
             if parts is None:  # packed from the plain weight copy() filled
-                dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+                _repack_layer(module)
                 continue
             vparam.data = torch.empty(_rows_shape(parts), dtype=vparam.dtype, device=vparam.device)
             _copy_rows(vparam.data, parts)
-            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            _repack_layer(module)
             vparam.data = vparam.data.new_empty(0)
         return time.perf_counter() - start
 
@@ -244,13 +241,18 @@ def _packed_layers(llm) -> list[nn.Module]:
 def repack(llm) -> float:
     """Rebuild the packed copies of the CPU layers that keep one, from their (shared) weights, with vLLM's own
     dispatch; returns seconds."""
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
     start = time.perf_counter()
     for module in _packed_layers(llm):
-        module.cpu_linear = None  # free the old copy before building the new one: never two at once
-        dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+        _repack_layer(module)
     return time.perf_counter() - start
+
+
+def _repack_layer(module: nn.Module) -> None:
+    """Pack `module.weight` anew with vLLM's own dispatch, keeping the plain weight."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    module.cpu_linear = None  # free the old copy before building the new one: never two at once
+    dispatch_cpu_unquantized_gemm(module, remove_weight=False)
 
 
 def unpack(llm) -> None:
