@@ -52,7 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generation import MODELS, _model_path  # noqa: E402
-from harness import BENCH_DIR, Step, _status_mib, environment, run_case  # noqa: E402
+from harness import BENCH_DIR, TURNS, Step, _status_mib, environment, run_case, run_interleaved  # noqa: E402
 
 CASES = (("trl", "hf"), ("fastgrpo", "vllm:reload"), ("fastgrpo", "vllm:zero_copy"), ("fastgrpo", "hf"))
 LR, BETA, EPSILON, TEMPERATURE, LOSS_TYPE = 1e-6, 0.04, 0.2, 1.0, "grpo"
@@ -130,13 +130,21 @@ def build_fastgrpo(path: Path, work: Path, backend: str, prompts: int, G: int, l
         return generator
 
     grpo.make_generator = make_generator_and_measure
+    collect_rollout = grpo.collect_rollout
+
+    def collect_rollout_in_turn(*args, **kwargs):  # the start of a step
+        TURNS.step()
+        return collect_rollout(*args, **kwargs)
+
+    grpo.collect_rollout = collect_rollout_in_turn
 
     def run():
         history = grpo.train(cfg, reward_funcs=[even_tokens])
         ends = [r["wall_time"] for r in read_metrics(cfg.log.run_dir)]
         info.update(
-            step_s=step_times(ends),
-            gen_s=[h["time/generation"] for h in history[1:]],
+            step_s=TURNS.step_s()[1:] if TURNS.active else step_times(ends),
+            # (its generation timer runs around the wait for the turn, too)
+            gen_s=[h["time/generation"] - w for h, w in zip(history, TURNS.waits() or [0.0] * len(history))][1:],
             train_s=[h["time/training"] + h["time/weight_sync"] for h in history[1:]],
             peak_rss_mib=history[-1]["peak_memory_mib"],  # VmHWM at the last step's log, before the checkpoint
             prompt_tokens=[prompts * G * prompt_tokens] * len(history),
@@ -195,6 +203,7 @@ def build_trl(path: Path, work: Path, backend: str, prompts: int, G: int, length
     generate = trainer._generate
 
     def timed_generate(*a, **k):  # TRL's rollout, so its generation time shows next to fastgrpo's
+        TURNS.step()  # the start of a step
         t0 = time.perf_counter()
         out = generate(*a, **k)
         gen_s.append(time.perf_counter() - t0)
@@ -204,7 +213,7 @@ def build_trl(path: Path, work: Path, backend: str, prompts: int, G: int, length
 
     def run():
         trainer.train()
-        step_s = step_times(clock.ends)
+        step_s = TURNS.step_s()[1:] if TURNS.active else step_times(clock.ends)
         # num_input_tokens_seen counts prompt + completion tokens; what is not completion is prompt
         seen = [b - a for a, b in zip([0, *clock.tokens_seen], clock.tokens_seen)]
         info.update(step_s=step_s, gen_s=gen_s[1:], peak_rss_mib=max(setup_hwm, clock.hwm),
@@ -241,7 +250,7 @@ def build(impl: str, backend: str, model: str, prompts: int, G: int, length: int
 
 def summarize(row: dict) -> dict:
     """Per-step medians over the timed steps (all but the first)."""
-    tokens = row["completion_tokens"][1:]
+    tokens = row["completion_tokens"][1:1 + len(row["step_s"])]
     step_s = statistics.median(row["step_s"])
     return {
         "step_s": step_s,
@@ -253,6 +262,41 @@ def summarize(row: dict) -> dict:
         "setup_mib": row["setup_rss_mib"],
         "peak_mib": row["peak_rss_mib"],
     }
+
+
+def measured_rows(cases: list[str], shape: dict, interleave: bool):
+    """(case, row) pairs: each case in a fresh process one after the other, or all at once taking turns."""
+    params = [dict(impl=c.split("-", 1)[0], backend=c.split("-", 1)[1], **shape) for c in cases]
+    if not interleave:
+        for case, p in zip(cases, params):
+            yield case, run_case("bench_step", "build", p, warmup=0, repeats=1, timeout_s=3600)
+        return
+    for p in params:
+        p["steps"] += 1  # Turns times a step up to the next one's start: one more step, whose time is not taken
+    yield from zip(cases, run_interleaved("bench_step", "build", params, timeout_s=3600))
+
+
+def paired_summary(rows: dict) -> list[str]:
+    """Step k of every case ran in one round of turns: per-round throughput ratios against the first TRL case."""
+    trl = next((r for c, r in rows.items() if c.startswith("trl-") and "step_s" in r), None)
+    if trl is None:
+        return ["(no TRL row: no paired ratios)"]
+
+    def per_step(row):
+        return [t / s for t, s in zip(row["completion_tokens"][1:], row["step_s"])]
+
+    lines = ["Paired, round by round (step k of every case ran in one round of turns): fastgrpo's tokens/s over "
+             "TRL's in the same round.", "",
+             "| case | rounds | median | quartiles | min-max | rounds faster than TRL |", "|---|--:|--:|--:|--:|--:|"]
+    for case, row in rows.items():
+        if case.startswith("trl-") or "step_s" not in row:
+            continue
+        ratios = sorted(a / b for a, b in zip(per_step(row), per_step(trl)))
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        faster = sum(r > 1 for r in ratios)
+        lines.append(f"| {case} | {len(ratios)} | {statistics.median(ratios):.2f}x | {q1:.2f}-{q3:.2f}x | "
+                     f"{ratios[0]:.2f}-{ratios[-1]:.2f}x | {faster} of {len(ratios)} |")
+    return lines
 
 
 def main():
@@ -271,6 +315,8 @@ def main():
     parser.add_argument("--cases", default=",".join(f"{i}-{b}" for i, b in CASES),
                         help="comma-separated impl-backend pairs; a fastgrpo backend may carry config overrides: "
                              "fastgrpo-vllm:zero_copy+train.micro_batch_tokens=2048")
+    parser.add_argument("--interleave", action="store_true",
+                        help="run the cases at once, taking turns step by step (harness.Turns): paired step times")
     parser.add_argument("--out", default=str(Path(__file__).with_name("STEP.md")))
     args = parser.parse_args()
     if args.steps < 1:
@@ -293,7 +339,9 @@ def main():
         f"temperature {TEMPERATURE}, loss {LOSS_TYPE}, epsilon {EPSILON}, beta {BETA} (reference model on both "
         f"sides), lr {LR}, one optimizer step per generation batch, gradient checkpointing "
         f"{'on' if args.gradient_checkpointing else 'off'} on both sides; {eos}. "
-        f"Medians over {args.steps} steps after one warm-up step, each implementation in a fresh process.",
+        f"Medians over {args.steps} steps after one warm-up step, each implementation in a fresh process"
+        + (", all processes at once taking turns step by step (`s/step`: the time a step held the turn)."
+           if args.interleave else " (one after the other)."),
         "",
         "`s/step`: one step's end to the next; `gen s`: its rollout; `tokens`: completion tokens per step "
         "(`prompt tok`: prompt tokens, a check that both sides see the same prompts); `tokens/s`: completion tokens "
@@ -305,10 +353,8 @@ def main():
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     rows, baseline = {}, None
-    for case in args.cases.split(","):
+    for case, row in measured_rows(args.cases.split(","), shape, args.interleave):
         impl, backend = case.split("-", 1)
-        row = run_case("bench_step", "build", dict(impl=impl, backend=backend, **shape), warmup=0, repeats=1,
-                       timeout_s=3600)
         rows[case] = row
         if "error" in row or "skipped" in row:
             lines.append(f"| {impl} | {backend} | {row.get('error') or row.get('skipped')} |")
@@ -326,6 +372,9 @@ def main():
         lines.append(f"| {impl} | {label} | {s['step_s']:.2f} | {gen} | {s['tokens']:.0f} | {s['prompt_tokens']:.0f} | "
                      f"{s['tokens_per_s']:,.0f} | {s['setup_mib']:,.0f} | {s['peak_mib']:,.0f} | {ratio} |")
         print(lines[-1], flush=True)
+    if args.interleave:
+        lines += ["", *paired_summary(rows)]
+        print("\n".join(lines[-3:]))
     Path(args.out).write_text("\n".join(lines) + "\n")
     (BENCH_DIR / "results").mkdir(exist_ok=True)
     raw = BENCH_DIR / "results" / f"step-{time.strftime('%Y%m%d-%H%M%S')}.json"

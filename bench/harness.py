@@ -24,9 +24,11 @@ import importlib.metadata
 import json
 import os
 import platform
+import select
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,18 +144,68 @@ def measure(step: Step, device: torch.device, warmup: int, repeats: int) -> dict
     }
 
 
+class Turns:
+    """Whose turn it is, in a run of several processes taking turns (`run_interleaved`); inert otherwise.
+
+    The processes form a ring of named pipes, one byte passed around: a process runs only while it holds the byte,
+    so each one's steps are timed alone on the machine, and step k of every case runs within one round of the
+    ring: whatever the machine is doing at the time slows the step of every case alike. `step()` is called at
+    the start of each step: it hands the turn on, waits for it to come back, and records both moments.
+    """
+
+    ENV = "BENCH_TURNS"  # "<fifo dir>:<this process's index>:<number of processes>"
+
+    def __init__(self):
+        spec = os.environ.get(self.ENV)
+        self.active = spec is not None
+        self.released, self.acquired = [], []
+        if self.active:
+            folder, index, count = spec.rsplit(":", 2)
+            self.mine = os.open(f"{folder}/{index}", os.O_RDWR)
+            self.next = os.open(f"{folder}/{(int(index) + 1) % int(count)}", os.O_RDWR)
+
+    def take(self) -> None:
+        if self.active:
+            os.read(self.mine, 1)
+
+    def hand_on(self) -> None:
+        if self.active:
+            os.write(self.next, b".")
+
+    def step(self) -> None:
+        self.released.append(time.perf_counter())
+        self.hand_on()
+        self.take()
+        self.acquired.append(time.perf_counter())
+
+    def waits(self) -> list[float]:
+        """Seconds each step start waited for the turn."""
+        return [got - gave for gave, got in zip(self.released, self.acquired)]
+
+    def step_s(self) -> list[float]:
+        """Seconds each step held the turn, from its start to the next step's start (the last step has none)."""
+        return [end - start for start, end in zip(self.acquired, self.released[1:])]
+
+
+TURNS = Turns()
+
+
 def _child_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     module = importlib.import_module(spec["module"])
     params = spec["params"]
+    TURNS.take()  # setup too runs alone
     try:
-        step = getattr(module, spec["builder"])(**params)
-    except Skip as why:
-        print(ROW_MARKER + json.dumps({"skipped": str(why)}), flush=True)
-        return
-    result = measure(step, torch.device(params.get("device", "cpu")), spec["warmup"], spec["repeats"])
-    result.update(step.info or {})
-    print(ROW_MARKER + json.dumps(result), flush=True)
+        try:
+            step = getattr(module, spec["builder"])(**params)
+        except Skip as why:
+            print(ROW_MARKER + json.dumps({"skipped": str(why)}), flush=True)
+            return
+        result = measure(step, torch.device(params.get("device", "cpu")), spec["warmup"], spec["repeats"])
+        result.update(step.info or {})
+        print(ROW_MARKER + json.dumps(result), flush=True)
+    finally:
+        TURNS.hand_on()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,12 +222,62 @@ def run_case(module: str, builder: str, params: dict, *, warmup: int = 1, repeat
                               capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
-    rows = [line[len(ROW_MARKER):] for line in proc.stdout.splitlines() if line.startswith(ROW_MARKER)]
-    if proc.returncode != 0 or not rows:
+    return _row(proc.returncode, proc.stdout, proc.stderr)
+
+
+def _row(returncode: int, stdout: str, stderr: str) -> dict:
+    rows = [line[len(ROW_MARKER):] for line in stdout.splitlines() if line.startswith(ROW_MARKER)]
+    if returncode != 0 or not rows:
         # -9 is the kernel's out-of-memory killer, the usual fate of a full-logits case at a large shape
-        tail = proc.stderr.strip().splitlines()[-3:]
-        return {"error": f"exit code {proc.returncode}: " + " | ".join(tail)}
+        tail = stderr.strip().splitlines()[-3:]
+        return {"error": f"exit code {returncode}: " + " | ".join(tail)}
     return json.loads(rows[-1])
+
+
+def run_interleaved(module: str, builder: str, params: list[dict], *, timeout_s: float | None = None) -> list[dict]:
+    """Like run_case for each of `params`, but all processes at once, taking turns (Turns): one row per case.
+
+    The builder must call harness.TURNS.step() at the start of each step. Every process is alive for the whole
+    run, so the machine must hold all of them; the turn of a process that has exited is passed on by this one.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-turns-") as folder:
+        n = len(params)
+        for i in range(n):
+            os.mkfifo(f"{folder}/{i}")
+        pipes = [os.open(f"{folder}/{i}", os.O_RDWR) for i in range(n)]  # held open: bytes in them survive
+        procs, logs = [], []
+        for i, p in enumerate(params):
+            spec = {"module": module, "builder": builder, "params": p, "warmup": 0, "repeats": 1}
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            env = {**os.environ, Turns.ENV: f"{folder}:{i}:{n}"}
+            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), json.dumps(spec)],
+                                          cwd=BENCH_DIR, stdout=out, stderr=err, text=True, env=env))
+            logs.append((out, err))
+        os.write(pipes[0], b".")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        timed_out = False
+        while any(p.poll() is None for p in procs):
+            if deadline is not None and time.monotonic() > deadline:
+                timed_out = True
+                for p in procs:
+                    p.kill()
+                break
+            dead = [i for i, p in enumerate(procs) if p.poll() is not None]
+            ready, _, _ = select.select([pipes[i] for i in dead], [], [], 0.05) if dead else ([], [], [])
+            if not dead:
+                time.sleep(0.05)
+            for fd in ready:  # an exited process's turn: on to the next
+                os.read(fd, 1)
+                os.write(pipes[(pipes.index(fd) + 1) % n], b".")
+        for fd in pipes:
+            os.close(fd)
+        rows = []
+        for p, (out, err) in zip(procs, logs):
+            out.seek(0)
+            err.seek(0)
+            row = _row(p.wait(), out.read(), err.read())
+            rows.append({"error": f"timed out after {timeout_s:.0f} s"} if timed_out and "error" in row else row)
+        return rows
 
 
 def _cpu_model() -> str:
