@@ -198,7 +198,9 @@ class HFGenerator:
     def wake(self):
         pass
 
-    @torch.no_grad()
+    # inference_mode, not no_grad: no version counters or view tracking on the decode loop's small ops (8% of a
+    # tiny model's rollout, measured); what it returns leaves as Python lists, so no inference tensor escapes.
+    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
