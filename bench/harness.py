@@ -239,6 +239,8 @@ def run_interleaved(module: str, builder: str, params: list[dict], *, timeout_s:
 
     The builder must call harness.TURNS.step() at the start of each step. Every process is alive for the whole
     run, so the machine must hold all of them; the turn of a process that has exited is passed on by this one.
+    A process killed by a signal (the out-of-memory killer: -9) may have taken the turn with it, so that stops
+    the run: the others are killed too, and their rows say so.
     """
     with tempfile.TemporaryDirectory(prefix="bench-turns-") as folder:
         n = len(params)
@@ -255,10 +257,12 @@ def run_interleaved(module: str, builder: str, params: list[dict], *, timeout_s:
             logs.append((out, err))
         os.write(pipes[0], b".")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        timed_out = False
+        stopped = None
         while any(p.poll() is None for p in procs):
-            if deadline is not None and time.monotonic() > deadline:
-                timed_out = True
+            killed = [i for i, p in enumerate(procs) if (p.poll() or 0) < 0]
+            if killed or (deadline is not None and time.monotonic() > deadline):
+                stopped = (f"stopped: case {killed[0]} was killed (exit code {procs[killed[0]].returncode})" if killed
+                           else f"timed out after {timeout_s:.0f} s")
                 for p in procs:
                     p.kill()
                 break
@@ -276,7 +280,7 @@ def run_interleaved(module: str, builder: str, params: list[dict], *, timeout_s:
             out.seek(0)
             err.seek(0)
             row = _row(p.wait(), out.read(), err.read())
-            rows.append({"error": f"timed out after {timeout_s:.0f} s"} if timed_out and "error" in row else row)
+            rows.append({"error": stopped} if stopped and "error" in row else row)
         return rows
 
 

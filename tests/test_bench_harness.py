@@ -8,15 +8,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from harness import run_interleaved  # noqa: E402
 
 PROBE = '''
+import os
+import signal
 import time
 from harness import TURNS, Step
 
-def build(name, steps):
+def build(name, steps, killed_at=None):
     spans, info = [], {}
 
     def forward():
-        for _ in range(steps):
+        for k in range(steps):
             TURNS.step()
+            if k == killed_at:
+                os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would, holding the turn
             start = time.time()
             time.sleep(0.02)  # long enough for another process to run, were it not waiting for its turn
             spans.append((name, start, time.time()))
@@ -38,3 +42,11 @@ def test_processes_take_turns_and_an_exited_ones_turn_moves_on(tmp_path, monkeyp
     assert all(prev[2] <= nxt[1] for prev, nxt in zip(spans, spans[1:]))  # never two at once
     for row, steps in zip(rows, (5, 5, 2)):
         assert len(row["held"]) == steps and all(0.02 <= s < 1.0 for s in row["held"])
+
+
+def test_a_killed_process_stops_the_run_instead_of_hanging_it(tmp_path, monkeypatch):
+    (tmp_path / "probe.py").write_text(textwrap.dedent(PROBE))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    rows = run_interleaved("probe", "build", [dict(name="a", steps=50), dict(name="b", steps=50, killed_at=2)],
+                           timeout_s=60)
+    assert [row.get("error") for row in rows] == ["stopped: case 1 was killed (exit code -9)"] * 2
