@@ -155,19 +155,14 @@ def build_fastgrpo(path: Path, work: Path, backend: str, prompts: int, G: int, l
 
 def build_trl(path: Path, work: Path, backend: str, prompts: int, G: int, length: int, steps: int,
               gradient_checkpointing: bool, bf16: bool, info: dict):
-    # "hf+per_device_train_batch_size=4": 4 sequences per forward/backward, accumulated over the P*G of a step;
-    # "hf+keep_freed_memory": glibc keeps freed memory for reuse, as fastgrpo's trainer sets it on CPU
+    # "hf+per_device_train_batch_size=4": 4 sequences per forward/backward, accumulated over the P*G of a step
     _, *extra = backend.split("+")
-    micro, keep = prompts * G, False
+    micro = prompts * G
     for setting in extra:
         key, _, value = setting.partition("=")
-        if setting == "keep_freed_memory":
-            keep = True
-        elif key != "per_device_train_batch_size" or (prompts * G) % int(value):
-            raise ValueError(f"TRL cases take per_device_train_batch_size=<a divisor of P*G> and keep_freed_memory, "
-                             f"got {setting!r}")
-        else:
-            micro = int(value)
+        if key != "per_device_train_batch_size" or (prompts * G) % int(value):
+            raise ValueError(f"TRL cases take only per_device_train_batch_size=<a divisor of P*G>, got {setting!r}")
+        micro = int(value)
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
     from transformers import TrainerCallback
@@ -201,10 +196,6 @@ def build_trl(path: Path, work: Path, backend: str, prompts: int, G: int, length
     clock = StepClock()
     trainer = GRPOTrainer(model=str(path), reward_funcs=[even_tokens], args=args, train_dataset=dataset,
                           callbacks=[clock])
-    if keep:
-        from fastgrpo.host_memory import keep_freed_memory
-
-        keep_freed_memory()
     info["setup_rss_mib"] = _status_mib("VmRSS")
     setup_hwm = _status_mib("VmHWM")  # the harness resets the high-water mark before it calls run()
 

@@ -99,9 +99,6 @@ class TrainConfig:
     max_refills: int = 3
     max_bad_steps: int = 5  # consecutive non-finite steps before stopping (the last good checkpoint is kept)
     seed: int = 0
-    # on CPU: freed memory stays in the process for the next step's buffers, sparing their page faults (~10% of a
-    # 180M model's step, for ~5% more peak memory; fastgrpo/host_memory.py). Ignored on GPUs.
-    keep_freed_memory: bool = True
 
 
 @dataclass

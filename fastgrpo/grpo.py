@@ -32,7 +32,6 @@ from .data import PromptSampler, decode, load_prompts
 from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, init_distributed,
                           packed_hidden_states, reshard, shard_model, world)
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
-from .host_memory import keep_freed_memory
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
 from .precision import DTYPES, autocast, load_pretrained
@@ -334,8 +333,6 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
     generator = make_generator(cfg, model, tokenizer)
     if checkpoint is not None:
         generator.sync_weights()  # a resumed model differs from the files vLLM loaded
-    if device.type == "cpu" and cfg.train.keep_freed_memory:
-        keep_freed_memory()  # once every library is loaded: loading one (torch, for one) can reset malloc's options
     logger = (MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project)
               if rank == 0 else None)
     B, G = cfg.train.prompts_per_step, cfg.generation.num_generations
