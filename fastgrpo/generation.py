@@ -15,6 +15,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from . import vllm_bridge
@@ -198,10 +199,15 @@ class HFGenerator:
     def wake(self):
         pass
 
-    # inference_mode, not no_grad: no version counters or view tracking on the decode loop's small ops (8% of a
-    # tiny model's rollout, measured); what it returns leaves as Python lists, so no inference tensor escapes.
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        # inference_mode where it is safe: no version counters or view tracking on the decode loop's small ops (8%
+        # of a tiny model's rollout, measured against no_grad); what leaves is Python lists. Not on FSDP shards:
+        # the gathered weights would be inference tensors that the next training step cannot update.
+        sharded = any(isinstance(p, DTensor) for p in self.model.parameters())
+        with torch.no_grad() if sharded else torch.inference_mode():
+            return self._generate(prompts, sampling)
+
+    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
