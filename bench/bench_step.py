@@ -1,7 +1,7 @@
 """One whole GRPO step (generation, rewards, loss, optimizer step): fastgrpo against TRL 1.16's GRPOTrainer.
 
     python bench/bench_step.py [--model tiny|qwen2-180m] [--prompts 2] [--G 8] [--length 64] [--steps 3]
-                               [--bf16] [--out bench/STEP.md]
+                               [--bf16] [--interleave] [--out bench/STEP.md]
 
 Both sides train the same local model (bench_generation.MODELS) on the same prompts with the same settings:
 P prompts x G completions of at most L tokens, temperature 1, fp32, loss_type "grpo", epsilon 0.2 both ways,
@@ -31,6 +31,12 @@ median time from one step's end to the next (everything the loop does per step, 
 process's resident set: `setup` once the models (and vLLM with its KV cache) are loaded, `peak` its high-water
 mark through the last step (VmHWM). fastgrpo's vLLM holds its whole KV cache (--kv-cache-gib) resident, however
 small the batch.
+
+--interleave: all cases' processes start at once and take turns, one step each (harness.Turns), so step k of
+every case runs in one round and each round gives a paired ratio: what the machine does meanwhile slows all cases
+of a round alike, where one case after another sees minutes of drift between them. `s/step` is then the time a
+step held the turn (its generation timer less the wait for it), and the report adds the per-round ratios. Every
+process is resident for the whole run: the machine must hold them all.
 
 On a machine where something else is running, set OMP_NUM_THREADS=1 (every case inherits it): with two OpenMP
 threads on two busy cores, each small op waits for a descheduled thread, and transformers `generate` on the tiny
