@@ -373,7 +373,7 @@ def main():
                  if baseline else "- | -")
         gen = f"{s['gen_s']:.2f}" if s["gen_s"] is not None else "-"
         generation, *extra = backend.split("+")
-        label = "transformers" if generation == "hf" else f"vLLM, {generation.partition(':')[2]}"
+        label = "transformers" if generation == "hf" else f"vLLM, {generation.partition(':')[2] or 'auto'}"
         label += "".join(f", {e}" for e in extra)
         lines.append(f"| {impl} | {label} | {s['step_s']:.2f} | {gen} | {s['tokens']:.0f} | {s['prompt_tokens']:.0f} | "
                      f"{s['tokens_per_s']:,.0f} | {s['setup_mib']:,.0f} | {s['peak_mib']:,.0f} | {ratio} |")
