@@ -29,7 +29,7 @@ from fastgrpo_kernels.grpo_loss import truncated_is_weights
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig, load_config, to_yaml
 from .data import PromptSampler, decode, load_prompts
-from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, init_distributed,
+from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, end_worker, init_distributed,
                           packed_hidden_states, reshard, shard_model, world)
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .metrics import MetricsLogger, Timer, peak_memory_mib
@@ -386,6 +386,7 @@ def main(argv=None):
         last = history[-1]
         print(f"done in {time.time() - t0:.0f} s: reward {last['reward/mean']:.3f}, "
               f"completion length {last['completion/length_mean']:.1f}")
+    end_worker()
 
 
 if __name__ == "__main__":

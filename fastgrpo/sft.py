@@ -23,7 +23,7 @@ from fastgrpo_kernels import fused_linear_cross_entropy
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LogConfig, ModelConfig, load_config, to_yaml
 from .data import builtin_dataset, encode_prompt
-from .distributed import (all_reduce_sum, clip_grad_norm_, init_distributed, packed_hidden_states,
+from .distributed import (all_reduce_sum, clip_grad_norm_, end_worker, init_distributed, packed_hidden_states,
                           shard_model, world)
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
@@ -183,6 +183,7 @@ def main(argv=None):
     history = train(load_config(SFTConfig, argv[0], argv[1:]))
     if history:
         print(f"done: loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}")
+    end_worker()
 
 
 if __name__ == "__main__":

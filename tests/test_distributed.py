@@ -91,7 +91,6 @@ def grpo_step(model, optimizer, batch, loss_type) -> dict:
 
 
 def step_main(out_path: str, model_dir: str):
-    import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
     from fastgrpo.distributed import full_state_dict, init_distributed, shard_model, world
@@ -108,8 +107,6 @@ def step_main(out_path: str, model_dir: str):
         result[f"{loss_type}/weights"] = weights
     if rank == 0:
         torch.save(result, out_path)
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,8 +191,6 @@ def run_job(model_dir: str, work: Path, job: str) -> list[dict]:
 
 
 def train_main(out_path: str, model_dir: str, work: str, *jobs: str):
-    import torch.distributed as dist
-
     from fastgrpo import vllm_bridge
     from fastgrpo.distributed import world
 
@@ -214,9 +209,6 @@ def train_main(out_path: str, model_dir: str, work: str, *jobs: str):
     result.update(world_size=world_size, reloaded=reloaded)
     if rank == 0:
         torch.save(result, out_path)
-    # vLLM's engine, once collected, destroys the default process group itself
-    if dist.is_initialized() and not any(job.endswith(":vllm") for job in jobs):
-        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -369,3 +361,6 @@ if __name__ == "__main__":
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)
     {"step": step_main, "train": train_main}[sys.argv[1]](*sys.argv[2:])
+    from fastgrpo.distributed import end_worker
+
+    end_worker()  # as the trainers' command lines end: teardown after a finished run could abort a rank

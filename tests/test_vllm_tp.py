@@ -229,7 +229,6 @@ def worker_main(out_path: str, model_dir: str, work: str, tensor_parallel_size: 
     }
     if rank == 0:
         torch.save(result, out_path)
-    # No destroy_process_group: vLLM's engine, once collected, destroys the default process group itself
 
 
 def _run(launcher: list[str], model: Path, work: Path, tensor_parallel_size: int) -> dict:
@@ -308,3 +307,6 @@ if __name__ == "__main__":
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)
     worker_main(*sys.argv[1:])
+    from fastgrpo.distributed import end_worker
+
+    end_worker()  # as the trainers' command lines end: teardown after a finished run could abort a rank
