@@ -305,6 +305,29 @@ def paired_summary(rows: dict) -> list[str]:
     return lines
 
 
+def table_rows(rows: dict) -> list[str]:
+    """One markdown row per case (case -> harness row, in run order); ratios against the first TRL case, wherever
+    it ran in the order."""
+    summaries = {case: summarize(row) for case, row in rows.items() if "error" not in row and "skipped" not in row}
+    baseline = next((s for case, s in summaries.items() if case.startswith("trl-")), None)
+    lines = []
+    for case, row in rows.items():
+        impl, backend = case.split("-", 1)
+        if case not in summaries:
+            lines.append(f"| {impl} | {backend} | {row.get('error') or row.get('skipped')} |")
+            continue
+        s = summaries[case]
+        ratio = (f"{s['tokens_per_s'] / baseline['tokens_per_s']:.2f}x | {s['peak_mib'] / baseline['peak_mib']:.2f}x"
+                 if baseline else "- | -")
+        gen = f"{s['gen_s']:.2f}" if s["gen_s"] is not None else "-"
+        generation, *extra = backend.split("+")
+        label = "transformers" if generation == "hf" else f"vLLM, {generation.partition(':')[2] or 'auto'}"
+        label += "".join(f", {e}" for e in extra)
+        lines.append(f"| {impl} | {label} | {s['step_s']:.2f} | {gen} | {s['tokens']:.0f} | {s['prompt_tokens']:.0f} | "
+                     f"{s['tokens_per_s']:,.0f} | {s['setup_mib']:,.0f} | {s['peak_mib']:,.0f} | {ratio} |")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=list(MODELS), default="tiny")
@@ -358,26 +381,11 @@ def main():
         "tokens/s vs TRL | peak vs TRL |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    rows, baseline = {}, None
+    rows = {}
     for case, row in measured_rows(args.cases.split(","), shape, args.interleave):
-        impl, backend = case.split("-", 1)
         rows[case] = row
-        if "error" in row or "skipped" in row:
-            lines.append(f"| {impl} | {backend} | {row.get('error') or row.get('skipped')} |")
-            print(lines[-1], flush=True)
-            continue
-        s = summarize(row)
-        if impl == "trl" and baseline is None:
-            baseline = s  # the first TRL case: every ratio is against it
-        ratio = (f"{s['tokens_per_s'] / baseline['tokens_per_s']:.2f}x | {s['peak_mib'] / baseline['peak_mib']:.2f}x"
-                 if baseline else "- | -")
-        gen = f"{s['gen_s']:.2f}" if s["gen_s"] is not None else "-"
-        generation, *extra = backend.split("+")
-        label = "transformers" if generation == "hf" else f"vLLM, {generation.partition(':')[2] or 'auto'}"
-        label += "".join(f", {e}" for e in extra)
-        lines.append(f"| {impl} | {label} | {s['step_s']:.2f} | {gen} | {s['tokens']:.0f} | {s['prompt_tokens']:.0f} | "
-                     f"{s['tokens_per_s']:,.0f} | {s['setup_mib']:,.0f} | {s['peak_mib']:,.0f} | {ratio} |")
-        print(lines[-1], flush=True)
+        print(table_rows(rows)[-1], flush=True)
+    lines += table_rows(rows)
     if args.interleave:
         lines += ["", *paired_summary(rows)]
         print("\n".join(lines[-3:]))
