@@ -30,26 +30,30 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig, load_config, to_yaml
 from .data import PromptSampler, decode, load_prompts
 from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, end_worker, init_distributed,
-                          packed_hidden_states, reshard, shard_model, world)
+                          load_sharded, packed_hidden_states, reshard, world)
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
-from .precision import DTYPES, autocast, load_pretrained
+from .precision import DTYPES, autocast, load_pretrained, weights_dtype
 from .rewards import OverlongPenalty, RewardModelReward, compute_rewards, resolve_reward, reward_name
 
 # ----------------------------------------------------------------------------------------------------------
 # Init
 
 
-def load_model(path, cfg: GRPOConfig, trainable: bool):
+def load_model(path, cfg: GRPOConfig, trainable: bool, device: torch.device):
+    """The policy (trainable) or the frozen reference, sharded over the ranks, on `device`."""
     from transformers import AutoModelForCausalLM
 
-    model = load_pretrained(AutoModelForCausalLM, path, cfg.model, trainable)
-    if not trainable:
-        return model.eval().requires_grad_(False)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model.train()
+    def load(dtype):
+        model = load_pretrained(AutoModelForCausalLM, path, cfg.model, trainable, dtype=dtype)
+        if not trainable:
+            return model.eval().requires_grad_(False)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model.train()
+
+    return load_sharded(load, device, weights_dtype(cfg.model, trainable), DTYPES[cfg.model.dtype])
 
 
 def make_generator(cfg: GRPOConfig, model, tokenizer):
@@ -310,10 +314,8 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    compute_dtype = DTYPES[cfg.model.dtype]
-    model = shard_model(load_model(cfg.model.path, cfg, trainable=True), compute_dtype).to(device)
-    ref_model = (shard_model(load_model(cfg.model.path, cfg, trainable=False), compute_dtype).to(device)
-                 if cfg.loss.beta else None)
+    model = load_model(cfg.model.path, cfg, trainable=True, device=device)
+    ref_model = load_model(cfg.model.path, cfg, trainable=False, device=device) if cfg.loss.beta else None
     funcs, weights = make_rewards(cfg, reward_funcs)
     reward_names = [reward_name(f) for f in funcs]
     # fused: one kernel over all parameters, no parameter-sized temporaries (the default foreach path needs ~0.9x

@@ -26,10 +26,17 @@ from .distributed import world
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def load_pretrained(auto_class, path, cfg: ModelConfig, trainable: bool, **kwargs):
-    """`auto_class.from_pretrained` in param_dtype (trainable) or dtype (frozen)."""
+def weights_dtype(cfg: ModelConfig, trainable: bool) -> torch.dtype:
+    """What a model's weights are stored in: param_dtype (trainable) or dtype (frozen)."""
     check_precision(cfg)
-    dtype = DTYPES[cfg.param_dtype if trainable else cfg.dtype]
+    return DTYPES[cfg.param_dtype if trainable else cfg.dtype]
+
+
+def load_pretrained(auto_class, path, cfg: ModelConfig, trainable: bool, dtype: torch.dtype | str | None = None,
+                    **kwargs):
+    """`auto_class.from_pretrained` in `weights_dtype` (or `dtype`; "auto": the checkpoint's own, which
+    memory-maps safetensors instead of copying them)."""
+    dtype = dtype or weights_dtype(cfg, trainable)
     return auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
 
 

@@ -1,8 +1,9 @@
 """Data parallelism with FSDP2 on CPU (torchrun, gloo): 1 and 2 ranks compute the same steps, checkpoints resume
 across world sizes.
 
-- The building blocks: a hand-written GRPO step (fastgrpo.grpo.optimize's loss math) on 1 process and on 2 ranks
-  gives the same loss and weights.
+- The building blocks: load_sharded is from_pretrained, sharded (each rank casts only its slice); a
+  hand-written GRPO step (fastgrpo.grpo.optimize's loss math) on 1 process and on 2 ranks gives the same loss and
+  weights.
 - The trainers: the real fastgrpo.grpo.train and fastgrpo.sft.train on 1 and 2 ranks, on the same global batch, give
   the same metrics and weights. Sampling would make rollouts differ by chance (and transformers' batched sampling
   depends on the batch each rank holds), so for this comparison GRPO's generator is replaced by a scripted one whose
@@ -19,8 +20,9 @@ The whole file takes about 65 s on the 2-core CPU machine.
 
 This file is also the worker script:
 
-    python tests/test_distributed.py step MODEL_DIR OUT.pt
-    torchrun --nproc-per-node 2 tests/test_distributed.py train MODEL_DIR WORK_DIR OUT.pt JOB [JOB ...]
+    python tests/test_distributed.py step OUT.pt MODEL_DIR      (or under torchrun --nproc-per-node 2)
+    torchrun --nproc-per-node 2 tests/test_distributed.py load OUT.pt MODEL_DIR DTYPE
+    torchrun --nproc-per-node 2 tests/test_distributed.py train OUT.pt MODEL_DIR WORK_DIR JOB [JOB ...]
 """
 
 from __future__ import annotations
@@ -107,6 +109,27 @@ def step_main(out_path: str, model_dir: str):
         result[f"{loss_type}/weights"] = weights
     if rank == 0:
         torch.save(result, out_path)
+
+
+def load_main(out_path: str, model_dir: str, dtype: str):
+    """load_sharded on every rank, weights in `dtype`: the gathered weights, and each rank's parameter dtypes,
+    buffers, and whether the head is still tied."""
+    from transformers import AutoModelForCausalLM
+
+    from fastgrpo.config import ModelConfig
+    from fastgrpo.distributed import all_gather_objects, full_state_dict, init_distributed, load_sharded, world
+
+    device = init_distributed()
+    load = lambda d: AutoModelForCausalLM.from_pretrained(model_dir, dtype=d)  # noqa: E731
+    model = load_sharded(load, device, getattr(torch, dtype))
+    weights = {name: t.detach().clone() for name, t in full_state_dict(model)}
+    mine = {"buffers": {name: b.clone() for name, b in model.named_buffers()},
+            "param_dtypes": {p.dtype for p in model.parameters()},
+            "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight,
+            "sharded": all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())}
+    ranks = all_gather_objects(mine)
+    if world()[0] == 0:
+        torch.save({"weights": weights, "ranks": ranks}, out_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,6 +258,33 @@ def _skip_without_gloo():
         pytest.skip("torch.distributed with gloo is not available")
 
 
+@pytest.mark.parametrize("checkpoint, weights", [("bfloat16", "float32"), ("float32", "bfloat16")])
+def test_load_sharded_is_a_sharded_from_pretrained(tmp_path, checkpoint, weights):
+    """Each rank loads the checkpoint in its own dtype and casts its shards: the gathered weights are what
+    from_pretrained in the weights' dtype gives, exactly; buffers keep their dtype (rotary frequencies stay fp32
+    under bf16 weights); tied weights stay tied."""
+    _skip_without_gloo()
+    from transformers import AutoModelForCausalLM
+
+    from fastgrpo.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "model", dtype=getattr(torch, checkpoint), hidden=64, intermediate=128,
+                            layers=2, tie_embeddings=True)
+    got = _run(TORCHRUN, "load", [path, weights], tmp_path, "load")
+    want = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, weights))
+    assert got["weights"].keys() == want.state_dict().keys()
+    for name, tensor in want.state_dict().items():
+        assert got["weights"][name].dtype == tensor.dtype and torch.equal(got["weights"][name], tensor), name
+    want_buffers = dict(want.named_buffers())
+    assert len(got["ranks"]) == 2 and want_buffers
+    for rank, mine in enumerate(got["ranks"]):
+        assert mine["tied"] and mine["sharded"] and mine["param_dtypes"] == {getattr(torch, weights)}, rank
+        assert mine["buffers"].keys() == want_buffers.keys(), rank
+        for name, buffer in want_buffers.items():
+            assert mine["buffers"][name].dtype == buffer.dtype, (rank, name)
+            assert torch.equal(mine["buffers"][name], buffer), (rank, name)
+
+
 def test_one_and_two_ranks_give_the_same_loss_and_weights(tmp_path):
     _skip_without_gloo()
     from safetensors.torch import load_file
@@ -360,7 +410,7 @@ def _checkpoint_shapes(path) -> dict:
 if __name__ == "__main__":
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)
-    {"step": step_main, "train": train_main}[sys.argv[1]](*sys.argv[2:])
+    {"step": step_main, "load": load_main, "train": train_main}[sys.argv[1]](*sys.argv[2:])
     from fastgrpo.distributed import end_worker
 
     end_worker()  # as the trainers' command lines end: teardown after a finished run could abort a rank
