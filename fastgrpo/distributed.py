@@ -115,7 +115,7 @@ def shard_model(model: torch.nn.Module, dtype: torch.dtype | None = None,
 def load_sharded(load: Callable[[torch.dtype | str], torch.nn.Module], device: torch.device, param_dtype: torch.dtype,
                  dtype: torch.dtype | None = None) -> torch.nn.Module:
     """A pretrained model with weights in `param_dtype`, sharded over the ranks (`shard_model`, computing in `dtype`),
-    on `device`. load(weights_dtype) returns the model, e.g. `precision.load_pretrained(..., dtype=weights_dtype)`.
+    on `device`. load(weights_dtype) returns the model (`precision.load_causal_lm` passes `load_pretrained`).
 
     On several ranks every rank loads the checkpoint in its own dtype ("auto"): transformers then memory-maps the
     safetensors files rather than copying them, so sharding copies only this rank's slice (the file's pages are

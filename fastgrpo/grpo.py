@@ -30,30 +30,15 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig, load_config, to_yaml
 from .data import PromptSampler, decode, load_prompts
 from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, end_worker, init_distributed,
-                          load_sharded, packed_hidden_states, reshard, world)
+                          packed_hidden_states, reshard, world)
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
-from .precision import DTYPES, autocast, load_pretrained, weights_dtype
+from .precision import autocast, load_causal_lm
 from .rewards import OverlongPenalty, RewardModelReward, compute_rewards, resolve_reward, reward_name
 
 # ----------------------------------------------------------------------------------------------------------
 # Init
-
-
-def load_model(path, cfg: GRPOConfig, trainable: bool, device: torch.device):
-    """The policy (trainable) or the frozen reference, sharded over the ranks, on `device`."""
-    from transformers import AutoModelForCausalLM
-
-    def load(dtype):
-        model = load_pretrained(AutoModelForCausalLM, path, cfg.model, trainable, dtype=dtype)
-        if not trainable:
-            return model.eval().requires_grad_(False)
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        return model.train()
-
-    return load_sharded(load, device, weights_dtype(cfg.model, trainable), DTYPES[cfg.model.dtype])
 
 
 def make_generator(cfg: GRPOConfig, model, tokenizer):
@@ -314,8 +299,8 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(cfg.model.path, cfg, trainable=True, device=device)
-    ref_model = load_model(cfg.model.path, cfg, trainable=False, device=device) if cfg.loss.beta else None
+    model = load_causal_lm(cfg.model, trainable=True, device=device)
+    ref_model = load_causal_lm(cfg.model, trainable=False, device=device) if cfg.loss.beta else None
     funcs, weights = make_rewards(cfg, reward_funcs)
     reward_names = [reward_name(f) for f in funcs]
     # fused: one kernel over all parameters, no parameter-sized temporaries (the default foreach path needs ~0.9x
@@ -337,7 +322,7 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
         generator.sync_weights()  # a resumed model differs from the files vLLM loaded
     logger = (MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project)
               if rank == 0 else None)
-    B, G = cfg.train.prompts_per_step, cfg.generation.num_generations
+    G = cfg.generation.num_generations
 
     for step in tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="grpo",
                      disable=None if rank == 0 else True):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelConfig, check_precision
-from .distributed import world
+from .distributed import load_sharded, world
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -38,6 +38,22 @@ def load_pretrained(auto_class, path, cfg: ModelConfig, trainable: bool, dtype: 
     memory-maps safetensors instead of copying them)."""
     dtype = dtype or weights_dtype(cfg, trainable)
     return auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
+
+
+def load_causal_lm(cfg: ModelConfig, trainable: bool, device: torch.device) -> torch.nn.Module:
+    """The *ForCausalLM at cfg.path, sharded over the ranks, on `device`: trainable (train mode, gradient
+    checkpointing as configured) or frozen (eval mode, no gradients)."""
+    from transformers import AutoModelForCausalLM
+
+    def load(dtype):
+        model = load_pretrained(AutoModelForCausalLM, cfg.path, cfg, trainable, dtype=dtype)
+        if not trainable:
+            return model.eval().requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model.train()
+
+    return load_sharded(load, device, weights_dtype(cfg, trainable), DTYPES[cfg.dtype])
 
 
 def autocast(cfg: ModelConfig, device: torch.device) -> torch.autocast:

@@ -23,11 +23,11 @@ from fastgrpo_kernels import fused_linear_cross_entropy
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LogConfig, ModelConfig, load_config, to_yaml
 from .data import builtin_dataset, encode_prompt
-from .distributed import (all_reduce_sum, clip_grad_norm_, end_worker, init_distributed, load_sharded,
-                          packed_hidden_states, world)
+from .distributed import (all_reduce_sum, clip_grad_norm_, end_worker, init_distributed, packed_hidden_states,
+                          world)
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
-from .precision import DTYPES, autocast, load_pretrained, weights_dtype
+from .precision import autocast, load_causal_lm
 
 
 @dataclass
@@ -130,7 +130,7 @@ def train(cfg: SFTConfig) -> list[dict]:
 
     Under torchrun every rank runs this; rank 0 alone logs and writes the files outside a checkpoint's shards.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     device = init_distributed()
     rank = world()[0]
@@ -140,14 +140,7 @@ def train(cfg: SFTConfig) -> list[dict]:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-
-    def load(dtype):
-        model = load_pretrained(AutoModelForCausalLM, cfg.model.path, cfg.model, trainable=True, dtype=dtype).train()
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        return model
-
-    model = load_sharded(load, device, weights_dtype(cfg.model, trainable=True), DTYPES[cfg.model.dtype])
+    model = load_causal_lm(cfg.model, trainable=True, device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   fused=True)
     sequences, prompt_lengths, skipped = load_examples(cfg.data, tokenizer)

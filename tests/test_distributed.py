@@ -116,7 +116,6 @@ def load_main(out_path: str, model_dir: str, dtype: str):
     buffers, and whether the head is still tied."""
     from transformers import AutoModelForCausalLM
 
-    from fastgrpo.config import ModelConfig
     from fastgrpo.distributed import all_gather_objects, full_state_dict, init_distributed, load_sharded, world
 
     device = init_distributed()
