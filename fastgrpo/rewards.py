@@ -9,7 +9,8 @@ in TRL's conversational form, lists of {"role", "content"} messages), `completio
 every dataset column other than prompt/completion/completion_ids comes as a keyword holding N values (one per
 completion, i.e. each prompt's row repeated G times). The trainer may add TRL's extras (`trainer_state`,
 `log_extra`, `log_metric`), so functions must accept **kwargs. None means "not applicable to this sample"; it
-becomes NaN and drops out of the weighted sum. TRL and open-r1 reward functions therefore work unchanged.
+becomes NaN and drops out of the weighted sum; a NaN or infinity returned as a number is an error. TRL and open-r1
+reward functions therefore work unchanged.
 
 Built-ins, and the names `resolve_reward` knows them by (a name that is a class takes its options as kwargs):
     "accuracy"              accuracy_reward               math answer checked with math-verify against `answer`
@@ -82,6 +83,12 @@ def compute_rewards(funcs, weights, prompts, completions, completion_ids, column
             per_func[:, f] = torch.tensor([math.nan if r is None else float(r) for r in out])
         except (TypeError, ValueError) as e:
             raise RewardError(f"reward function {name!r} returned a non-number: {_one_line(e)}") from e
+        # None is "not applicable" (NaN from here on); a NaN or infinity returned as a number is a broken reward,
+        # which would otherwise make every advantage of the step non-finite
+        bad = [(i, r) for i, r in enumerate(out) if r is not None and not math.isfinite(float(r))]
+        if bad:
+            raise RewardError(f"reward function {name!r} returned {float(bad[0][1])} for completion {bad[0][0]} "
+                              f"({len(bad)} of {n} values non-finite); return None for a completion it cannot score")
 
     w = torch.tensor(weights, dtype=torch.float32)
     rewards = (per_func * w).nansum(dim=1)  # (N,)

@@ -157,6 +157,15 @@ def test_compute_rewards_errors_are_one_line():
         compute_rewards([accuracy_reward], [1.0], ["p"] * 2, ["c"] * 2, [[1]] * 2, {"answer": ["1"]})
 
 
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_non_finite_rewards_are_rejected_by_name(value):
+    with pytest.raises(RewardError, match=rf"^reward function 'constant' returned {value} for completion 1 \(1 of 3 "
+                                          r"values non-finite\); return None"):
+        compute_rewards([_constant([1.0, value, None])], [1.0], ["p"] * 3, ["c"] * 3, [[1]] * 3, {})
+    total, _ = compute_rewards([_constant([1.0, None, None])], [1.0], ["p"] * 3, ["c"] * 3, [[1]] * 3, {})
+    assert math.isnan(total[1])  # None stays "not applicable"
+
+
 def test_trl_style_function_unchanged():
     # open-r1's format reward, verbatim in shape: TRL's signature, conversational completions, extra kwargs.
     def format_reward_open_r1(completions, **kwargs):
