@@ -4,10 +4,16 @@
 
 OmegaConf merges structured defaults, the YAML and the overrides in struct mode, so an unknown or mistyped key
 fails at once with its full name; defaults live here and nowhere else.
+
+A config is code, like a Python script: a run executes what its config names (`rewards.funcs` may import any
+module, the pipeline's `launcher` is any command line), so run only configs you trust. Values may come from the
+environment (`${oc.env:VAR}`); the files a run writes (config.yaml, stage.yaml) keep those as interpolations, never
+their values, so that a token or password does not end up in a run directory.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +102,9 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and refill the batch
+    # the reward those groups are judged by: a reward function's logged name, or "total" (the weighted sum);
+    # None: accuracy_reward where the run has it (as DAPO and verl filter on accuracy), else the total
+    dynamic_sampling_reward: str | None = None
     max_refills: int = 3
     max_bad_steps: int = 5  # consecutive non-finite steps before stopping (the last good checkpoint is kept)
     seed: int = 0
@@ -149,6 +158,23 @@ def check_precision(model: ModelConfig) -> None:
                           "dtype, or keep wider weights")
 
 
+def _read_yaml(path) -> "DictConfig":
+    """OmegaConf.load; a file that is not YAML, or not a mapping of keys, is a one-line ConfigError naming it."""
+    import yaml
+
+    try:
+        node = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: {err.problem or err.context} (not valid YAML)") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"config file {path} holds a {type(node).__name__}, not a mapping of keys to values")
+    return node
+
+
 def load_config(schema: type, path: str | Path | None = None, overrides: list[str] = ()):
     """Defaults from `schema`, then the YAML at `path`, then `key=value` overrides; returns a typed object."""
     if path is not None and not Path(path).is_file():
@@ -156,11 +182,12 @@ def load_config(schema: type, path: str | Path | None = None, overrides: list[st
     try:
         cfg = OmegaConf.structured(schema)
         OmegaConf.set_struct(cfg, True)
-        layers = [OmegaConf.load(path)] if path else []
+        layers = [_read_yaml(path)] if path else []
         cfg = OmegaConf.merge(cfg, *layers, OmegaConf.from_dotlist(list(overrides)))
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
+        _record_environment(cfg)
     except OmegaConfBaseException as err:
         where = f" in {path}" if path else ""
         key = getattr(err, "full_key", None)
@@ -178,5 +205,86 @@ def load_cli_config(schema: type, argv: list[str]):
     return load_config(schema, None, argv)
 
 
+# What load_config read from the environment, by the dotted key it was set at: (the value, the interpolation it came
+# from). Kept for the whole process: the pipeline writes its stages' configs long after loading its own.
+_FROM_ENVIRONMENT: dict[str, tuple[object, str]] = {}
+
+
+def _leaves(node, prefix: str = "", into_lists: bool = True):
+    """(dotted key, value) of every leaf of a plain container; with into_lists=False a list is one leaf."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list) and into_lists:
+        items = enumerate(node)
+    else:
+        yield prefix.removesuffix("."), node
+        return
+    for key, value in items:
+        yield from _leaves(value, f"{prefix}{key}.", into_lists)
+
+
+def _record_environment(cfg) -> None:
+    """Note every value of `cfg` that comes from the environment: an `oc.env` interpolation, or an interpolation of
+    a key that holds one."""
+    raw = dict(_leaves(OmegaConf.to_container(cfg, resolve=False)))
+    interpolated = {key: value for key, value in raw.items() if isinstance(value, str) and "${" in value}
+    from_env = {key: OmegaConf.select(cfg, key) for key, value in interpolated.items() if "oc.env" in value}
+    secrets = [str(v) for v in from_env.values() if v is not None and str(v)]
+    for key, value in interpolated.items():
+        resolved = OmegaConf.select(cfg, key)
+        if key in from_env or any(secret in str(resolved) for secret in secrets):
+            _FROM_ENVIRONMENT[key] = (resolved, value)
+
+
 def to_yaml(cfg) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """`cfg` (a typed config) as YAML, each value that came from the environment written as its interpolation.
+
+    A value is matched by key and value, the key compared by its end: a stage's `log.wandb_project` matches the
+    pipeline's `reasoning_rl.log.wandb_project`.
+    """
+    node = OmegaConf.structured(cfg)
+    for key, value in _leaves(OmegaConf.to_container(node)):
+        for where, (resolved, raw) in _FROM_ENVIRONMENT.items():
+            if (where == key or where.endswith("." + key)) and resolved == value:
+                *parents, last = key.split(".")
+                parent = OmegaConf.select(node, ".".join(parents)) if parents else node
+                parent[int(last) if OmegaConf.is_list(parent) else last] = raw
+                break
+    return OmegaConf.to_yaml(node)
+
+
+def resume_changes(saved: Path, cfg, may_change: tuple[str, ...]) -> list[str]:
+    """Compare the config a run was saved under (`saved`, its config.yaml) with the one it resumes under.
+
+    Returns one line per changed key that `may_change` allows (a dotted key, or a section such as "log."); raises
+    ConfigError naming every other changed key. Keys the saved config lacks (a newer schema) are reported, not
+    refused; values from the environment compare as their interpolations.
+    """
+    old = dict(_leaves(OmegaConf.to_container(OmegaConf.load(saved), resolve=False), into_lists=False))
+    new = dict(_leaves(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)), resolve=False), into_lists=False))
+    changed = [key for key in new if key in old and old[key] != new[key]]
+    refused = [key for key in changed if not key.startswith(may_change)]
+    if refused:
+        listed = ", ".join(f"{key} ({old[key]!r} -> {new[key]!r})" for key in refused)
+        raise ConfigError(f"cannot resume {saved.parent} with a changed {listed}: its checkpoints were trained with "
+                          f"the values in {saved}; restore them, or start a new run (another log.run_dir)")
+    return ([f"resume: {key} changed from {old[key]!r} to {new[key]!r}, applied" for key in changed] +
+            [f"resume: {key}={new[key]!r} (not in {saved})" for key in new if key not in old])
+
+
+def write_run_config(run_dir, cfg, resuming: bool, may_change: tuple[str, ...], write: bool = True) -> None:
+    """run_dir/config.yaml := cfg, after a resumed run's changes are checked against it (resume_changes) and printed.
+
+    Under torchrun every rank checks (so that all refuse together) and rank 0 alone writes (write=True): atomically,
+    since the other ranks may be reading it.
+    """
+    saved = Path(run_dir) / "config.yaml"
+    if resuming and saved.is_file():
+        for line in resume_changes(saved, cfg, may_change):
+            if write:
+                print(line, flush=True)
+    if write:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_name(".tmp-config.yaml")
+        tmp.write_text(to_yaml(cfg))
+        os.replace(tmp, saved)

@@ -21,13 +21,19 @@ from tqdm import tqdm
 from fastgrpo_kernels import fused_linear_cross_entropy
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import LogConfig, ModelConfig, load_config, to_yaml
+from .config import LogConfig, ModelConfig, load_config, write_run_config
 from .data import builtin_dataset, encode_prompt
 from .distributed import (all_reduce_sum, clip_grad_norm_, end_worker, init_distributed, packed_hidden_states,
                           world)
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
 from .precision import autocast, load_causal_lm
+
+
+# What a resumed run may change (applied from its next step); a change of any other key is refused: the
+# checkpoint's weights, optimizer state and history were made under the saved values.
+MAY_CHANGE = ("train.steps", "train.lr", "train.weight_decay", "train.max_grad_norm", "train.micro_batch_tokens",
+              "model.gradient_checkpointing", "log.")
 
 
 @dataclass
@@ -122,6 +128,7 @@ def sft_step(model, optimizer, sequences, prompt_lengths, indices, cfg: SFTConfi
         optimizer.step()
     stats = PackingStats.from_plan(lengths, plans).as_dict()
     return {"loss": all_reduce_sum(loss_sum), "grad_norm": float(grad_norm), "tokens": total,
+            "lr": optimizer.param_groups[0]["lr"],
             "skipped_update": float(not torch.isfinite(grad_norm)), **stats}
 
 
@@ -135,9 +142,8 @@ def train(cfg: SFTConfig) -> list[dict]:
     device = init_distributed()
     rank = world()[0]
     run_dir = Path(cfg.log.run_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    checkpoint = latest_checkpoint(run_dir)
+    write_run_config(run_dir, cfg, checkpoint is not None, MAY_CHANGE, write=rank == 0)
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_causal_lm(cfg.model, trainable=True, device=device)
@@ -145,10 +151,11 @@ def train(cfg: SFTConfig) -> list[dict]:
                                   fused=True)
     sequences, prompt_lengths, skipped = load_examples(cfg.data, tokenizer)
     start, history = 0, []
-    checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
         start, history = state["step"], state["history"]
+        for group in optimizer.param_groups:  # the optimizer state holds the saved ones; a resume may change them
+            group.update(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     logger = (MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project)
               if rank == 0 else None)
     B = cfg.train.sequences_per_step
