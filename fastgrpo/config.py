@@ -46,6 +46,7 @@ class DataConfig:
     eval_examples: int = 100  # held-out examples of a built-in task
     seed: int = 0
     general_source: str | None = None  # general (non-reasoning) prompts mixed in, e.g. builtin:assist (R1 stage 4)
+    general_prompt_column: str = "prompt"  # general_source's prompt column: text, or chat messages (data.mix)
     general_fraction: float = 0.0  # share of the prompts drawn from general_source
 
 

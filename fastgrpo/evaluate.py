@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import DataConfig, RewardConfig, load_cli_config
-from .data import decode, encode_prompt, load_prompts
+from .data import decode, encode_prompt, load_general, load_prompts
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .rewards import FormatReward, RewardModelReward, accuracy_reward, compute_rewards, extract_answer, resolve_reward
 
@@ -108,8 +108,7 @@ def evaluate_reasoning(generator, tokenizer, cfg: EvalConfig) -> dict:
 
 
 def evaluate_general(generator, tokenizer, cfg: EvalConfig) -> dict:
-    data = replace(cfg.data, source=cfg.data.general_source, general_source=None, answer_column=cfg.data.prompt_column)
-    ds = load_prompts(data, split=held_out(data.source))
+    ds = load_general(cfg.data, split=held_out(cfg.data.general_source))
     sampling = SamplingConfig(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_tokens=cfg.max_completion_length, seed=cfg.seed + 1)
     groups = sample(generator, tokenizer, ds[cfg.data.prompt_column], sampling)

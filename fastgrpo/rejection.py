@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .config import DataConfig, load_cli_config
-from .data import load_prompts
+from .data import as_messages, load_general, load_prompts
 from .evaluate import sample
 from .generation import SamplingConfig, VLLMGenerator
 from .rewards import FormatReward, accuracy_reward, language_consistency_reward
@@ -38,6 +38,7 @@ class RejectionConfig:
     min_language_consistency: float = 0.95
     max_ngram_repeats: int = 4  # reject a completion in which some 8-gram of tokens occurs more often
     general_source: str | None = "builtin:assist"  # prompt/response pairs of general data
+    general_prompt_column: str = "prompt"  # text, or chat messages
     general_response_column: str = "response"
     general_fraction: float = 0.3  # share of the written rows that are general data
     out: str = "runs/rejection/dataset.jsonl"
@@ -110,8 +111,8 @@ def general_rows(cfg: RejectionConfig, num_reasoning: int, eos: str) -> list[dic
     if not 0 < cfg.general_fraction < 1:
         raise ValueError(f"general_fraction must be in [0, 1), got {cfg.general_fraction}")
     n = round(num_reasoning * cfg.general_fraction / (1 - cfg.general_fraction))
-    data = replace(cfg.data, source=cfg.general_source, general_source=None, answer_column=cfg.data.prompt_column)
-    ds = load_prompts(data, num_examples=max(n, 1))
+    data = replace(cfg.data, general_source=cfg.general_source, general_prompt_column=cfg.general_prompt_column)
+    ds = load_general(data, num_examples=max(n, 1))  # its prompts in column data.prompt_column
     if cfg.general_response_column not in ds.column_names:
         raise ValueError(f"dataset {cfg.general_source!r} has no column {cfg.general_response_column!r} "
                          f"(columns: {', '.join(ds.column_names)})")
@@ -150,8 +151,11 @@ def run(cfg: RejectionConfig) -> dict:
     if not rows:
         raise RuntimeError(f"rejection sampling kept no completion of {counts.get('sampled', 0)} ({counts})")
     general = general_rows(cfg, len(rows), tokenizer.eos_token)
+    if len({isinstance(r["prompt"], list) for r in rows + general}) > 1:  # a JSON column holds one type (data.mix)
+        for r in rows + general:
+            r["prompt"] = as_messages(r["prompt"])
     summary = {"rows": len(rows) + len(general), "reasoning_rows": len(rows), "general_rows": len(general),
-               "prompts": len(set(r["prompt"] for r in rows)), "counts": counts, "config": asdict(cfg)}
+               "prompts": len({json.dumps(r["prompt"]) for r in rows}), "counts": counts, "config": asdict(cfg)}
     write_jsonl(rows + general, out)
     summary_path.write_text(json.dumps(summary, indent=1))
     return summary

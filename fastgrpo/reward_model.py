@@ -28,9 +28,6 @@ from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .precision import autocast, load_pretrained
 from .rewards import render_conversation
 
-EVAL_SEED_OFFSET = 1_000_003  # held-out built-in pairs come from seed + this, as in data.load_prompts
-
-
 @dataclass
 class RewardDataConfig:
     source: str = "builtin:assist"  # builtin:<task> with chosen/rejected columns, or a .jsonl file
@@ -38,7 +35,7 @@ class RewardDataConfig:
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
     num_examples: int = 2000  # training pairs of a built-in task
-    eval_examples: int = 200  # held-out pairs: a built-in task's other seed, or a file's last rows
+    eval_examples: int = 200  # held-out pairs: a built-in task's held-out split, or a file's last rows
     max_length: int = 512  # tokens of the longer side; longer pairs are skipped and counted
     seed: int = 0
 
@@ -66,9 +63,9 @@ def load_pairs(cfg: RewardDataConfig, tokenizer, split: str) -> tuple[list[tuple
     from datasets import load_dataset
 
     if cfg.source.startswith("builtin:"):
-        held_out = split == "eval"
+        held_out = split == "eval"  # the task's held-out problems (data.split_of), as evaluation's
         ds = builtin_dataset(cfg.source.removeprefix("builtin:"), cfg.eval_examples if held_out else cfg.num_examples,
-                             cfg.seed + (EVAL_SEED_OFFSET if held_out else 0))
+                             cfg.seed, split)
     else:
         ds = load_dataset("json", data_files=cfg.source, split="train")
     columns = (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column)

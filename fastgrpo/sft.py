@@ -75,7 +75,7 @@ def load_examples(cfg: SFTDataConfig, tokenizer) -> tuple[list[list[int]], list[
     from datasets import load_dataset
 
     if cfg.source.startswith("builtin:"):
-        ds = builtin_dataset(cfg.source.removeprefix("builtin:"), cfg.num_examples, cfg.seed)
+        ds = builtin_dataset(cfg.source.removeprefix("builtin:"), cfg.num_examples, cfg.seed, "train")
         pairs = [(ex["prompt"], cot_completion(ex, tokenizer.eos_token)) for ex in ds]
     else:
         ds = load_dataset("json", data_files=cfg.source, split="train")

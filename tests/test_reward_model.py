@@ -7,7 +7,7 @@ import pytest
 
 from fastgrpo.config import ConfigError, load_config
 from fastgrpo.data import builtin_dataset
-from fastgrpo.reward_model import EVAL_SEED_OFFSET, RewardModelConfig, train
+from fastgrpo.reward_model import RewardModelConfig, train
 from fastgrpo.rewards import RewardModelReward
 from fastgrpo.tiny import build_tiny_model
 
@@ -44,7 +44,7 @@ def test_learns_the_held_out_preferences(trained):
 def test_rl_time_scoring_prefers_chosen(trained):
     """RewardModelReward, as the RL stage loads it, ranks held-out pairs as the trainer's eval did."""
     cfg, run_dir, _ = trained
-    held_out = builtin_dataset("assist", 32, cfg.data.seed + EVAL_SEED_OFFSET)
+    held_out = builtin_dataset("assist", 32, cfg.data.seed, "eval")
     rm = RewardModelReward(run_dir / "final")
     chosen = rm(prompts=held_out["prompt"], completions=held_out["chosen"])
     rejected = rm(prompts=held_out["prompt"], completions=held_out["rejected"])
