@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.tensor import DTensor
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                          TopPLogitsWarper)
 
 from . import vllm_bridge
 from .distributed import full_state_dict
@@ -180,8 +181,50 @@ class _SampledLogprobs:
         return torch.stack(self.logprobs, 1)
 
 
+class _SeededSampler:
+    """The last logits processor when sampling: draws each row's next token by inverting its CDF at a uniform from
+    the row's own generator, seeded as vLLM seeds a request's samples (row j of prompt i: seed + i * n + j), and
+    leaves only that token possible, so that generate's greedy pick takes it. A row's draws depend on its seed alone,
+    not on which prompts share the batch: a prompt gets the same samples on any number of ranks, and after a resume.
+    """
+
+    def __init__(self, seeds: list[int], steps: int, device):
+        self.uniforms = torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(seed))
+                                     for seed in seeds]).to(device)  # (rows, steps)
+        self.step = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cdf = scores.float().softmax(-1).cumsum(-1)  # (rows, V)
+        total = cdf[:, -1:]
+        # strictly below the total, so that the first entry of the CDF above it is a token of non-zero probability
+        x = torch.minimum(self.uniforms[:, self.step, None] * total, total.nextafter(torch.zeros_like(total)))
+        self.step += 1
+        tokens = torch.searchsorted(cdf, x, right=True)  # (rows, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+
+
+def _processors(sampling: SamplingConfig, recorder: _SampledLogprobs, rows: int, device) -> LogitsProcessorList:
+    """The sampling transforms, then the recorder (so that it sees the scores each token is drawn from), then, unless
+    greedy, the seeded draw. transformers' own sampling stays off: it would warp after the recorder, and it draws
+    from one generator for the whole batch."""
+    if sampling.temperature == 0:
+        return LogitsProcessorList([recorder])
+    seed = int(torch.randint(2**62, ())) if sampling.seed is None else sampling.seed
+    return LogitsProcessorList([
+        TemperatureLogitsWarper(sampling.temperature),
+        *([TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []),
+        *([TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1.0 else []),
+        recorder,
+        _SeededSampler([seed + row for row in range(rows)], sampling.max_tokens, device),
+    ])
+
+
 class HFGenerator:
     """transformers `generate` on the trainer's own model (always in sync).
+
+    Samples with exactly the SamplingConfig's settings: the model's generation_config (a repetition_penalty, bad
+    words...) is set aside while generating, since sampling from another distribution than the one the log-probs
+    describe would make the rollout off-policy.
 
     autocast: a function returning the context generation runs in (the trainer's mixed precision, if any).
     """
@@ -216,31 +259,24 @@ class HFGenerator:
             ids[i, width - len(p):] = torch.tensor(p)
             attention[i, width - len(p):] = 1
         stops = [self.eos_token_id, *sampling.stop_token_ids]
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        greedy = sampling.temperature == 0
-        # The sampling transforms are passed as processors of our own, followed by the recorder, so that it sees
-        # the scores each token is drawn from; transformers' own are switched off (it would apply them after).
         recorder = _SampledLogprobs()
-        processors = LogitsProcessorList([] if greedy else [
-            TemperatureLogitsWarper(sampling.temperature),
-            *([TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []),
-            *([TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1.0 else []),
-        ])
-        processors.append(recorder)
-        training = self.model.training
+        processors = _processors(sampling, recorder, len(prompts) * sampling.n, device)
+        config = GenerationConfig(do_sample=False, max_new_tokens=sampling.max_tokens, eos_token_id=stops,
+                                  pad_token_id=self.pad_token_id,
+                                  min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None)
+        # generate fills what `config` leaves unset from the model's generation_config: none of it may apply
+        training, model_config = self.model.training, self.model.generation_config
         self.model.eval()  # sampling never runs dropout (and transformers' eval-mode forward is faster)
+        self.model.generation_config = GenerationConfig()
         try:
             with self.autocast():
-                sequences = self.model.generate(
-                    input_ids=ids.to(device), attention_mask=attention.to(device), do_sample=not greedy,
-                    temperature=None if greedy else 1.0, top_p=None if greedy else 1.0, top_k=None if greedy else 0,
-                    logits_processor=processors,
-                    max_new_tokens=sampling.max_tokens, num_return_sequences=sampling.n, eos_token_id=stops,
-                    pad_token_id=self.pad_token_id, min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None,
-                )
+                # each prompt's n rows side by side (row i * n + j), as num_return_sequences would lay them out
+                sequences = self.model.generate(input_ids=ids.repeat_interleave(sampling.n, 0).to(device),
+                                                attention_mask=attention.repeat_interleave(sampling.n, 0).to(device),
+                                                generation_config=config, logits_processor=processors)
         finally:
             self.model.train(training)
+            self.model.generation_config = model_config
         new = sequences[:, width:]  # (B*n, steps)
         token_logprobs = recorder.finish(new[:, -1]).cpu()  # (B*n, steps)
         new = new.cpu()

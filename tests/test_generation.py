@@ -215,6 +215,31 @@ def test_hf_logprobs_are_of_the_distribution_sampled_from(model_path):
             torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
 
 
+def test_hf_samples_depend_on_their_seed_alone(model_path):
+    """Row j of prompt i samples with seed + i * n + j, as vLLM seeds them: a prompt drawn in another batch (another
+    rank's share, a refill) with the same seed gets the same completions."""
+    hf = HFGenerator(load(model_path), eos_token_id=2, pad_token_id=0)
+    both = hf.generate(PROMPTS, SamplingConfig(n=2, temperature=1.0, top_k=20, max_tokens=12, seed=7))
+    alone = hf.generate(PROMPTS[1:], SamplingConfig(n=2, temperature=1.0, top_k=20, max_tokens=12, seed=7 + 2))
+    assert [[c.token_ids for c in cs] for cs in both[1:]] == [[c.token_ids for c in cs] for cs in alone]
+    assert len({tuple(c.token_ids) for cs in both for c in cs}) == 6
+
+
+def test_hf_samples_with_exactly_the_configured_settings(model_path):
+    """The model's generation_config extras (a repetition penalty here) would sample from another distribution
+    than the log-probs describe."""
+    model = load(model_path)
+    hf = HFGenerator(model, eos_token_id=2, pad_token_id=0)
+    greedy, sampled = SamplingConfig(n=1, temperature=0.0, max_tokens=16), SamplingConfig(n=2, max_tokens=16, seed=1)
+    plain = hf.generate(PROMPTS, greedy), hf.generate(PROMPTS, sampled)
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 2
+    tokens = lambda out: [c.token_ids for cs in out for c in cs]  # noqa: E731
+    assert tokens(hf.generate(PROMPTS, greedy)) == tokens(plain[0])
+    assert tokens(hf.generate(PROMPTS, sampled)) == tokens(plain[1])
+    assert model.generation_config.repetition_penalty == 50.0  # the model's own config is left as it was
+
+
 def test_bad_input(model_path, monkeypatch):
     with pytest.raises(ValueError, match="sync must be"):
         VLLMGenerator(model_path, None, sync="share")
