@@ -2,23 +2,43 @@
 
     run_dir/checkpoints/
         latest                  # one line: the name of the newest complete checkpoint, e.g. "step-00000200"
-        step-00000100/          # config.json, model.safetensors, tokenizer files: transformers and vLLM load it
-        step-00000200/              as is; trainer_state.pt: optimizer, scheduler, user state, RNG states
+        step-00000100/          # config.json, model.safetensors, tokenizer files: transformers and vLLM load it as is
+            trainer/            # what only resuming reads: state.json and tensors.safetensors (optimizer, scheduler,
+        step-00000200/              the caller's state, RNG states); under torchrun also sharded/ (optimizer slices)
         .tmp-step-00000300/     # a save in progress (or one that crashed): never read, removed by the next save
 
-Under torchrun (several ranks, FSDP2) a checkpoint is also sharded: sharded/ holds the model and optimizer state
-as torch.distributed.checkpoint (DCP) writes it, each rank its own shards, and trainer_state.pt names it instead of
-holding the optimizer. The Hugging Face files beside it are consolidated from the full tensors (rank 0 writes them),
-so transformers and vLLM load any checkpoint alike. Either kind resumes on any number of ranks: DCP reshards
-sharded/ to the loading world size (a single process included), and a single-process checkpoint is sharded as it
-loads. Every rank must see the checkpoint directory (on several nodes: a shared filesystem).
+Trust model: loading a checkpoint, also one someone sent you, runs no code, because nothing in it is pickled.
+load_checkpoint reads JSON (trainer/state.json, with json.loads) and safetensors files (a JSON header and raw tensor
+bytes, parsed by the safetensors library: model.safetensors, trainer/tensors.safetensors, trainer/sharded/*); the
+caller's AutoTokenizer reads the tokenizer files. state.json holds the plain values (the optimizer's param_groups, the
+scheduler's state, the caller's `state`, the Python and NumPy RNG states); each tensor among them (optimizer moments
+and step counts, the torch and CUDA RNG states) is stored in tensors.safetensors under its path, e.g.
+"optimizer['state'][0]['exp_avg']", and referenced from the JSON by it. JSON has no tuples, non-string keys (an
+optimizer's state is keyed by parameter position) or tensors: such values are one-key objects tagged __tuple__,
+__items__, __tensor__, so a state loads back with its types. The decoder (_decode) can build only dicts, lists,
+tuples, strings, numbers, booleans, None and those tensors. Why not torch.load(weights_only=True), the format before
+(trainer_state.pt): it is a restricted unpickler, still pickle's machinery run on a received file, and it has had
+code-execution holes of its own (CVE-2025-32434, torch < 2.6; CVE-2026-24747, torch < 2.10). A checkpoint that
+holds a pickle (trainer_state.pt, or sharded/.metadata, which torch.distributed.checkpoint's default FileSystemReader
+unpickles) is refused with one line naming the file, before anything is read. vLLM loads every top-level
+*.safetensors file as weights: hence the trainer/ directory.
 
-A checkpoint directory only ever appears whole: it is written under a temporary name, fsynced, and renamed into
-place (a rename within one filesystem is atomic), and only then does `latest` move. So a crash at any point leaves
-the previous checkpoint and pointer intact, and any `step-*` directory is complete.
+Under torchrun (several ranks, FSDP2) the optimizer state is saved sharded: each rank writes its slices of the
+optimizer tensors to trainer/sharded/ with torch.distributed.checkpoint (DCP) and its HuggingFaceStorageWriter, one
+safetensors file per rank whose header records each slice's offsets; HuggingFaceStorageReader reassembles and
+reshards them for any loading world size (one process included) from those headers alone, never reading DCP's
+pickled .metadata. The model weights always come from the consolidated model.safetensors (rank 0 writes it from the
+gathered tensors; each rank copies its own slice as it loads), and a single-process checkpoint's optimizer state is
+sharded as it loads. Every rank must see the checkpoint directory (several nodes: a shared filesystem).
 
-Every rank calls save_checkpoint and load_checkpoint (under torchrun they are collectives); rank 0 alone writes
-the files outside sharded/. trainer_state.pt loads with torch.load(weights_only=True).
+A checkpoint directory only ever appears whole: it is written under a temporary name, fsynced, and renamed into place
+(a rename within one filesystem is atomic), and only then does `latest` move. So a crash at any point leaves the
+previous checkpoint and pointer intact, and any `step-*` directory is complete; a failed write (a full disk) removes
+the temporary directory and raises one CheckpointError naming the checkpoint. A missing, empty, garbled or dangling
+`latest` falls back to the highest step.
+
+Every rank calls save_checkpoint and load_checkpoint (under torchrun they are collectives); rank 0 alone writes the
+files outside trainer/sharded/.
 
     path = save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, state={"step": step}, keep_last=3)
     state = load_checkpoint(latest_checkpoint(run_dir), model, optimizer, scheduler)
@@ -26,101 +46,136 @@ the files outside sharded/. trainer_state.pt loads with torch.load(weights_only=
 
 from __future__ import annotations
 
-import io
+import json
 import os
-import pickle
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .distributed import world
 
-TRAINER_STATE = "trainer_state.pt"
+FORMAT = 2  # trainer/state.json's "format"; 1 was trainer_state.pt (pickle)
+TRAINER = "trainer"  # the checkpoint's subdirectory of what only resuming reads
+TRAINER_STATE = "trainer/state.json"
+TRAINER_TENSORS = "trainer/tensors.safetensors"
+SHARDED = "trainer/sharded"  # written by several ranks: their optimizer slices (DCP, safetensors)
+PICKLED = ("trainer_state.pt", "sharded/.metadata")  # the old format's pickles: refused, never opened
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
-SHARDED = "sharded"  # the DCP directory of a checkpoint written by several ranks
+STEP_DIR = re.compile(r"step-(\d+)")
+# JSON has no tuples, no non-string keys and no tensors: such values are one-key objects tagged with these.
+TENSOR, TUPLE, ITEMS = "__tensor__", "__tuple__", "__items__"
+PLAIN = (str, int, float, bool, type(None))
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, or does not match the model it is loaded into."""
+    """A checkpoint that is missing, incomplete, corrupt, or does not match what it is loaded into; or a save that
+    failed (the previous checkpoint is kept)."""
 
 
 def save_checkpoint(run_dir, step: int, model, tokenizer, optimizer=None, scheduler=None, state: dict | None = None,
                     keep_last: int | None = None) -> Path:
     """Write run_dir/checkpoints/step-{step:08d}/ atomically, point `latest` at it, keep the newest `keep_last`.
 
-    `state` is the caller's own resume data (step, data position, metrics history...): plain Python types and
-    tensors, so that it loads under weights_only. Returns the checkpoint's path.
+    `state` is the caller's own resume data (step, data position, metrics history...): dicts, lists, tuples, str,
+    int, float, bool, None and tensors; anything else is refused here, before a file is written. Returns the
+    checkpoint's path.
     """
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None (keep all), got {keep_last}")
-    state = dict(state or {})
-    _check_weights_only_loadable(state)
+    tensors = {}
+    trainer_state = {"format": FORMAT, "state": _encode(dict(state or {}), tensors, "state"),
+                     "scheduler": _encode(scheduler.state_dict(), tensors, "scheduler") if scheduler else None,
+                     "rng": _encode(_get_rng_state(), tensors, "rng")}
     rank, world_size = world()
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / (TMP_PREFIX + final.name)
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        # Leftovers of a save that crashed; removing them first also frees the disk space a retry may need.
-        for stale in root.glob(TMP_PREFIX + "*"):
-            shutil.rmtree(stale)
-        tmp.mkdir()
-    if world_size == 1:
-        model.save_pretrained(tmp)
-        optimizer_state = optimizer.state_dict() if optimizer is not None else None
-    else:
-        dist.barrier()  # tmp exists before any rank writes its shards into it
-        _save_sharded(tmp, model, optimizer)
-        optimizer_state = SHARDED if optimizer is not None else None
-    if rank == 0:
-        tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer_state,
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "state": state,
-                    "rng": _get_rng_state()}, tmp / TRAINER_STATE)
-        _publish(root, tmp, final, keep_last)
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            # Leftovers of a save that crashed; removing them first also frees the disk space a retry may need.
+            for stale in root.glob(TMP_PREFIX + "*"):
+                shutil.rmtree(stale)
+            (tmp / TRAINER).mkdir(parents=True)
+        if world_size == 1:
+            model.save_pretrained(tmp)
+            trainer_state["optimizer"] = ({"sharded": False, "state_dict": _encode(optimizer.state_dict(), tensors,
+                                                                                     "optimizer")}
+                                          if optimizer else None)
+        else:
+            dist.barrier()  # tmp exists before any rank writes its shards into it
+            trainer_state["optimizer"] = _save_sharded(tmp, model, optimizer, tensors)
+        if rank == 0:
+            tokenizer.save_pretrained(tmp)
+            save_file(tensors, tmp / TRAINER_TENSORS)
+            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
+            _publish(root, tmp, final, keep_last)
+    except (OSError, SafetensorError, CheckpointException) as e:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # no partial step; frees what it held
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise CheckpointError(f"could not write checkpoint {final}: {_first_line(e)}{where}; "
+                              f"{root / LATEST} and the checkpoints before it are unchanged") from e
     if world_size > 1:
         dist.barrier()  # no rank goes on (and may read `latest`) before the checkpoint is in place
     return final
 
 
-def _save_sharded(tmp: Path, model, optimizer) -> None:
-    """Every rank: its model and optimizer shards into tmp/sharded (DCP); rank 0: the consolidated HF weights."""
+def _save_sharded(tmp: Path, model, optimizer, tensors: dict) -> dict | None:
+    """Every rank: its optimizer slices into tmp/trainer/sharded (DCP, safetensors); rank 0: the consolidated HF
+    weights. Returns the optimizer's non-tensor part, encoded (its tensors go to `tensors`), for state.json."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
+    encoded = None
     if optimizer is not None:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / SHARDED)
-    else:
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp / SHARDED)
+        _, optimizer_state = get_state_dict(model, optimizer)
+        flat, rest = _split_optimizer_state(optimizer_state)
+        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(tmp / SHARDED, save_distributed=True))
+        encoded = {"sharded": True, "state_dict": _encode(rest, tensors, "optimizer")}
     # Gathered into rank 0's CPU memory (the other ranks get nothing): one full copy of the weights, once per save.
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         model.save_pretrained(tmp, state_dict=full)
+    return encoded
+
+
+def _split_optimizer_state(optimizer_state: dict) -> tuple[dict, dict]:
+    """A name-keyed optimizer state dict as ({"name/key": tensor} for DCP, everything else: param_groups and any
+    non-tensor per-parameter values)."""
+    flat = {f"{name}/{key}": value for name, values in optimizer_state["state"].items()
+            for key, value in values.items() if isinstance(value, torch.Tensor)}
+    rest = {"param_groups": optimizer_state["param_groups"],
+            "state": {name: {key: value for key, value in values.items() if not isinstance(value, torch.Tensor)}
+                      for name, values in optimizer_state["state"].items()}}
+    return flat, rest
 
 
 def _publish(root: Path, tmp: Path, final: Path, keep_last: int | None) -> None:
     """Flush tmp, rename it to final, point `latest` at it, prune to keep_last (one process: rank 0)."""
     for file in tmp.rglob("*"):
         if file.is_file():
-            _fsync(file)
-    _fsync(tmp)
+            fsync(file)
+    fsync(tmp)
 
     _rename_dir(tmp, final)
     pointer_tmp = root / (TMP_PREFIX + LATEST)
     pointer_tmp.write_text(final.name + "\n")
-    _fsync(pointer_tmp)
+    fsync(pointer_tmp)
     os.replace(pointer_tmp, root / LATEST)
-    _fsync(root)
+    fsync(root)
 
     if keep_last is not None:
         # The new checkpoint always stays, even when older runs of this directory left higher step numbers.
@@ -130,13 +185,15 @@ def _publish(root: Path, tmp: Path, final: Path, keep_last: int | None) -> None:
 
 
 def latest_checkpoint(run_dir) -> Path | None:
-    """The checkpoint `latest` names; the highest step if the pointer is missing or dangling; None if none."""
+    """The checkpoint `latest` names; the highest step if the pointer is missing, empty, garbled or dangling; None
+    if there is no checkpoint."""
     root = Path(run_dir) / "checkpoints"
-    pointer = root / LATEST
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if target.is_dir():
-            return target
+    try:
+        name = (root / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if STEP_DIR.fullmatch(name) and (root / name).is_dir():
+        return root / name
     # A crash between renaming a checkpoint in and writing the pointer, or while replacing a re-saved step.
     steps = _step_dirs(root)
     return steps[-1] if steps else None
@@ -146,60 +203,86 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None) -> dict:
     """Restore what was saved into the given objects (model weights in place) and the RNG states; return `state`.
 
     Any checkpoint loads on any number of ranks, into a plain or an FSDP2-sharded model (the optimizer together with
-    its model). To build a fresh model instead, use AutoModelForCausalLM.from_pretrained(path).
+    its model). Nothing is unpickled (see the module docstring). To build a fresh model instead, use
+    AutoModelForCausalLM.from_pretrained(path).
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    file = path / TRAINER_STATE
-    if not file.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: {TRAINER_STATE} is missing")
-    try:
-        saved = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{file} is corrupt or not a trainer state: {_first_line(e)}") from e
+    saved = _read_trainer_state(path)
 
     # Check before changing anything, so that a refused load leaves the caller's objects as they were.
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is not None and saved[name] is None:
             raise CheckpointError(f"checkpoint {path} has no {name} state (it was saved without a {name})")
-    sharded = (path / SHARDED).is_dir()
+    sharded = optimizer is not None and saved["optimizer"]["sharded"]
     if optimizer is not None and model is None and (sharded or world()[1] > 1):
         raise CheckpointError(f"checkpoint {path}: the optimizer state loads by parameter name; pass the model too")
-    if sharded and model is not None:
-        _load_sharded(path, model, optimizer)
-    else:
-        if model is not None:
-            load_model_weights_(model, path)
-        if optimizer is not None and world()[1] == 1:
-            optimizer.load_state_dict(saved["optimizer"])
-        elif optimizer is not None:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    if model is not None:
+        load_model_weights_(model, path)
+    if sharded:
+        _load_sharded_optimizer(path, model, optimizer, saved["optimizer"]["state_dict"])
+    elif optimizer is not None and world()[1] == 1:
+        optimizer.load_state_dict(saved["optimizer"]["state_dict"])
+    elif optimizer is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            # Saved by one process: keyed by position in model.parameters(); every rank takes its shards of it.
-            set_optimizer_state_dict(model, optimizer, _by_name(saved["optimizer"], model),
-                                     options=StateDictOptions(full_state_dict=True))
+        # Saved by one process: keyed by position in model.parameters(); every rank takes its shards of it.
+        set_optimizer_state_dict(model, optimizer, _by_name(saved["optimizer"]["state_dict"], model),
+                                 options=StateDictOptions(full_state_dict=True))
     if scheduler is not None:
         scheduler.load_state_dict(saved["scheduler"])
     _set_rng_state(saved["rng"])
     return saved["state"]
 
 
-def _load_sharded(path: Path, model, optimizer) -> None:
-    """DCP: each rank reads the pieces of its own shards, whatever the number of ranks that saved them."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                         set_state_dict)
+def _read_trainer_state(path: Path) -> dict:
+    """trainer/state.json with its tensors put back; the old pickled format is refused unread."""
+    for name in PICKLED:
+        if (path / name).exists():
+            raise CheckpointError(f"{path / name} is a pickle (the checkpoint format before fastgrpo's format "
+                                  f"{FORMAT}); it is not loaded, since unpickling a received file can run code")
+    file = path / TRAINER_STATE
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {TRAINER_STATE} is missing")
+    try:
+        saved = json.loads(file.read_text())
+        version = saved.get("format")
+    except (ValueError, AttributeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{file} is corrupt or not a trainer state: {_first_line(e)}") from e
+    if version != FORMAT:
+        raise CheckpointError(f"{file} has format {version!r}; this fastgrpo reads format {FORMAT}")
+    with _open_safetensors(path / TRAINER_TENSORS) as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    try:
+        return {key: _decode(saved[key], tensors) for key in ("state", "optimizer", "scheduler", "rng")}
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file} is corrupt: {type(e).__name__} {_first_line(e)}") from e
 
-    if optimizer is None:
-        states = {"model": get_model_state_dict(model)}
-        dcp.load(states, checkpoint_id=path / SHARDED)
-        set_model_state_dict(model, states["model"])
-        return
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    states = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(states, checkpoint_id=path / SHARDED)
-    set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
+
+def _load_sharded_optimizer(path: Path, model, optimizer, rest: dict) -> None:
+    """DCP: each rank reads the pieces of its own optimizer slices, whatever the number of ranks that saved them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_optimizer_state_dict
+
+    files = sorted((path / SHARDED).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {SHARDED}/*.safetensors optimizer slices")
+    for file in files:  # a truncated or corrupt shard is named here, not deep inside DCP
+        with _open_safetensors(file):
+            pass
+    _, target = get_state_dict(model, optimizer)  # this rank's slices, keyed by name (initialized if still empty)
+    flat, _ = _split_optimizer_state(target)
+    try:
+        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / SHARDED)), no_dist=world()[1] == 1)
+    except (CheckpointException, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{path / SHARDED} does not match the optimizer: {_first_line(e)}") from e
+    state = {name: dict(values) for name, values in rest["state"].items()}
+    for key, tensor in flat.items():
+        name, _, item = key.rpartition("/")
+        state[name][item] = tensor
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": rest["param_groups"]})
 
 
 def _by_name(optimizer_state: dict, model) -> dict:
@@ -224,7 +307,7 @@ def load_model_weights_(model: torch.nn.Module, path) -> None:
     targets = model.state_dict()  # detached views of the parameters and persistent buffers
     loaded = set()
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with _open_safetensors(file) as f:
             for name in f.keys():
                 if name not in targets:
                     raise CheckpointError(f"{file}: tensor {name} has no counterpart in the model")
@@ -242,13 +325,26 @@ def load_model_weights_(model: torch.nn.Module, path) -> None:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} model tensor(s), first: {missing[0]}")
 
 
+@contextmanager
+def _open_safetensors(file: Path):
+    """safe_open, with a missing, truncated or corrupt file named in one line. The library checks at open that the
+    header's offsets cover the file exactly, so a truncated file fails here, before any tensor is read."""
+    try:
+        handle = safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is truncated, corrupt or missing: {_first_line(e)}") from e
+    with handle as f:
+        yield f
+
+
 def _address(t: torch.Tensor) -> int:
     return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
 
 
 def _step_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (zero-padded names sort by step)."""
-    return sorted(d for d in root.glob("step-*") if d.is_dir())
+    """Complete checkpoints (every step-N directory: they only appear whole), oldest first."""
+    steps = [d for d in root.glob("step-*") if STEP_DIR.fullmatch(d.name) and d.is_dir()]
+    return sorted(steps, key=lambda d: int(d.name.removeprefix("step-")))
 
 
 def _rename_dir(src: Path, dst: Path) -> None:
@@ -261,7 +357,7 @@ def _rename_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(src, dst)
-    _fsync(dst.parent)
+    fsync(dst.parent)
 
 
 def _remove_dir(path: Path) -> None:
@@ -271,7 +367,7 @@ def _remove_dir(path: Path) -> None:
     shutil.rmtree(doomed)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     """Flush a file's data, or a directory's entries (so that a rename survives power loss), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -280,21 +376,46 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _check_weights_only_loadable(state: dict) -> None:
-    # Fail at save time, not at resume time hours later: a numpy scalar in the metrics history is the usual culprit.
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    try:
-        torch.load(buffer, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        raise CheckpointError(f"state holds {found.group(1) if found else 'an object'}, which torch.load("
-                              "weights_only=True) refuses: store plain Python types and tensors") from e
+def _encode(obj, tensors: dict, where: str):
+    """obj as JSON values, its tensors moved into `tensors` under their path (e.g. "optimizer['state'][0]['exp_avg']").
+    Refuses, naming the path, anything that is not a dict, list, tuple, str, int, float, bool, None or tensor."""
+    if isinstance(obj, torch.Tensor):
+        tensors[where] = obj.detach().cpu().contiguous()
+        return {TENSOR: where}
+    if type(obj) in PLAIN:
+        return obj
+    if type(obj) in (list, tuple):
+        items = [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if type(obj) is list else {TUPLE: items}
+    if type(obj) is dict:
+        if all(type(k) is str for k in obj) and not (len(obj) == 1 and next(iter(obj)) in (TENSOR, TUPLE, ITEMS)):
+            return {k: _encode(v, tensors, f"{where}[{k!r}]") for k, v in obj.items()}
+        return {ITEMS: [[_encode(k, tensors, f"{where}.keys()"), _encode(v, tensors, f"{where}[{k!r}]")]
+                        for k, v in obj.items()]}
+    kind = f"{type(obj).__module__}.{type(obj).__qualname__}".removeprefix("builtins.")
+    raise CheckpointError(f"{where} is a {kind}, which a checkpoint does not store: use dict, list, tuple, str, "
+                          "int, float, bool, None or tensors")
+
+
+def _decode(obj, tensors: dict):
+    """The inverse of _encode: builds only dicts, lists, tuples, plain values and the named tensors."""
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if len(obj) == 1:
+        ((tag, value),) = obj.items()
+        if tag == TENSOR:
+            return tensors[value]
+        if tag == TUPLE:
+            return tuple(_decode(v, tensors) for v in value)
+        if tag == ITEMS:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in value}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
 
 
 def _get_rng_state() -> dict:
-    """Every global RNG, as plain lists, ints and tensors (what weights_only loading accepts)."""
+    """Every global RNG, as plain values and tensors."""
     version, internal, gauss_next = random.getstate()
     np_state = np.random.get_state(legacy=False)
     return {
@@ -317,5 +438,5 @@ def _set_rng_state(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def _first_line(e: Exception) -> str:
+def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -1,8 +1,14 @@
+import errno
+import json
+import os
+import pickle
 import random
+import shlex
 
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
 from fastgrpo import checkpoint
@@ -40,8 +46,10 @@ def save(run_dir, step, model, **kwargs):
 
 def test_round_trip_restores_weights_optimizer_scheduler_state_and_rng(tmp_path, trained):
     model, optimizer, scheduler = trained
-    path = save(tmp_path, 7, model, optimizer=optimizer, scheduler=scheduler,
-                state={"step": 7, "data_position": 112, "history": [{"reward": 0.5}]})
+    user_state = {"step": 7, "data_position": 112, "history": [{"reward": 0.5, "nan": float("nan")}],
+                  "shape": (2, 3), "by_id": {3: "c", 1: ("a", None)}, "ema": torch.arange(3.0),
+                  "lookalike": {"__tensor__": "a key that looks like the codec's tag"}}
+    path = save(tmp_path, 7, model, optimizer=optimizer, scheduler=scheduler, state=user_state)
     after_save = (torch.rand(4), random.random(), np.random.rand(3))
 
     other = make_model(seed=1)
@@ -49,7 +57,7 @@ def test_round_trip_restores_weights_optimizer_scheduler_state_and_rng(tmp_path,
     other_sched = torch.optim.lr_scheduler.LambdaLR(other_opt, lambda s: 1 / (1 + s))
     state = load_checkpoint(path, other, other_opt, other_sched)
 
-    assert state == {"step": 7, "data_position": 112, "history": [{"reward": 0.5}]}
+    assert repr(state) == repr(user_state)  # the same types back: tuples, int keys, NaN, the tensor
     for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), name
     torch.testing.assert_close(other_opt.state_dict(), optimizer.state_dict(), rtol=0, atol=0)
@@ -67,45 +75,112 @@ def test_round_trip_restores_weights_optimizer_scheduler_state_and_rng(tmp_path,
         assert torch.equal(a, b), name
 
 
-def test_layout_loads_in_transformers_and_trainer_state_loads_weights_only(tmp_path, trained):
+def test_layout_loads_in_transformers_and_holds_no_pickle(tmp_path, trained):
     model, optimizer, scheduler = trained
     path = save(tmp_path, 1, model, optimizer=optimizer, scheduler=scheduler, state={"step": 1})
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (path / name).is_file(), name  # what vLLM's LLM(model=path) reads
+    # vLLM loads every top-level *.safetensors file as weights: the optimizer's tensors must not be among them
+    assert [p.name for p in path.glob("*.safetensors")] == ["model.safetensors"]
     loaded = AutoModelForCausalLM.from_pretrained(path)
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
-    saved = torch.load(path / checkpoint.TRAINER_STATE, weights_only=True)
-    assert set(saved) == {"optimizer", "scheduler", "state", "rng"}
+    saved = json.loads((path / checkpoint.TRAINER_STATE).read_text())
+    assert set(saved) == {"format", "optimizer", "scheduler", "state", "rng"}
+    for file in path.rglob("*"):  # the pickle protocol 2+ opcode PROTO, and torch.save's zip archive
+        assert not file.is_file() or file.read_bytes()[:2] not in (b"\x80\x02", b"\x80\x04", b"PK"), file
 
 
-def test_state_that_weights_only_refuses_fails_at_save_time(tmp_path):
-    with pytest.raises(CheckpointError, match="numpy.*weights_only"):
-        save(tmp_path, 1, make_model(), state={"reward": np.float64(0.5)})
+def test_state_a_checkpoint_cannot_store_fails_at_save_time(tmp_path):
+    with pytest.raises(CheckpointError, match=r"state\['history'\]\[0\]\['reward'\] is a numpy.float64"):
+        save(tmp_path, 1, make_model(), state={"history": [{"reward": np.float64(0.5)}]})
+    with pytest.raises(CheckpointError, match=r"state\['seen'\] is a set"):
+        save(tmp_path, 1, make_model(), state={"seen": {1, 2}})
     assert latest_checkpoint(tmp_path) is None
 
 
-def test_crash_mid_save_keeps_previous_checkpoint_and_next_save_cleans_up(tmp_path, monkeypatch):
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _no_space_safetensors(*args, **kwargs):  # what safetensors raises when a write hits a full disk
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("target, fail", [(os, "fsync"), (checkpoint, "save_file")], ids=["fsync", "tensors"])
+def test_full_disk_keeps_previous_checkpoint_names_the_path_and_leaves_no_partial_step(tmp_path, monkeypatch,
+                                                                                       target, fail):
     model = make_model()
     good = save(tmp_path, 1, model, state={"step": 1})
-    real_save = torch.save
-
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(checkpoint.torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(target, fail, _no_space if target is os else _no_space_safetensors)
+    with pytest.raises(CheckpointError) as info:
         save(tmp_path, 2, model, state={"step": 2})
+    message = str(info.value)
+    assert "\n" not in message and "No space left on device" in message, message
+    assert str(tmp_path / "checkpoints" / "step-00000002") in message, message
+    monkeypatch.undo()
+
     root = tmp_path / "checkpoints"
     assert latest_checkpoint(tmp_path) == good
     assert (root / "latest").read_text().strip() == good.name
-    assert sorted(p.name for p in root.glob("step-*")) == [good.name]  # no half-written step-00000002
+    assert sorted(p.name for p in root.iterdir()) == ["latest", good.name]  # no partial step, no temporary dir
     assert load_checkpoint(good) == {"step": 1}
-
-    monkeypatch.setattr(checkpoint.torch, "save", real_save)
     newer = save(tmp_path, 2, model, state={"step": 2})
     assert latest_checkpoint(tmp_path) == newer
-    assert not list(root.glob(checkpoint.TMP_PREFIX + "*"))
+
+
+class RunsACommand:
+    """Pickled, a file that runs `touch marker` when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+@pytest.mark.parametrize("planted", ["sharded/.metadata", "trainer_state.pt"])
+def test_a_received_pickle_is_refused_unread(tmp_path, trained, planted):
+    """A torch.distributed.checkpoint .metadata, or an old trainer_state.pt, in a checkpoint someone sent: the load
+    stops with one line naming the file, and the pickle's command never runs."""
+    model, optimizer, scheduler = trained
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(RunsACommand(marker))
+    pickle.loads(payload)  # the payload is live: unpickling it runs the command
+    assert marker.exists()
+    marker.unlink()
+
+    path = save(tmp_path, 1, model, optimizer=optimizer, scheduler=scheduler, state={"step": 1})
+    (path / planted).parent.mkdir(exist_ok=True)
+    (path / planted).write_bytes(payload)
+    other = make_model(seed=1)
+    with pytest.raises(CheckpointError, match=f"{path / planted} is a pickle") as info:
+        try:
+            load_checkpoint(path, other, torch.optim.AdamW(other.parameters(), lr=1e-3))
+        finally:
+            assert not marker.exists(), "unpickling the planted file ran its command"
+    assert "\n" not in str(info.value)
+
+
+def refuse_unpickling(monkeypatch):
+    """Every way into pickle (and torch.load, a restricted unpickler) fails, until monkeypatch.undo()."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint load unpickled something")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+def test_loading_unpickles_nothing(tmp_path, trained, monkeypatch):
+    model, optimizer, scheduler = trained
+    path = save(tmp_path, 1, model, optimizer=optimizer, scheduler=scheduler, state={"step": 1})
+    refuse_unpickling(monkeypatch)
+    other = make_model(seed=1)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    other_sched = torch.optim.lr_scheduler.LambdaLR(other_opt, lambda s: 1 / (1 + s))
+    assert load_checkpoint(path, other, other_opt, other_sched) == {"step": 1}
+    monkeypatch.undo()
+    torch.testing.assert_close(other_opt.state_dict(), optimizer.state_dict(), rtol=0, atol=0)
 
 
 def test_keep_last_prunes_oldest_after_the_new_one_is_in_place(tmp_path):
@@ -128,16 +203,18 @@ def test_resaving_a_step_replaces_it(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step-00000005"]
 
 
-def test_latest_falls_back_to_highest_step_when_pointer_is_missing_or_dangling(tmp_path):
+def test_latest_falls_back_to_highest_step_when_pointer_is_missing_empty_garbled_or_dangling(tmp_path):
     assert latest_checkpoint(tmp_path) is None
     model = make_model()
-    save(tmp_path, 1, model)
-    second = save(tmp_path, 2, model)
+    save(tmp_path, 9, model)
+    second = save(tmp_path, 10, model)  # sorts by step number, not by name
     pointer = tmp_path / "checkpoints" / "latest"
-    pointer.write_text("step-00000099\n")
-    assert latest_checkpoint(tmp_path) == second
+    for garbage in (b"step-00000099\n", b"", b"\n", b".", b"..", b"\xff\xfe\x00garbage", b"../../elsewhere"):
+        pointer.write_bytes(garbage)
+        assert latest_checkpoint(tmp_path) == second, garbage
     pointer.unlink()
     assert latest_checkpoint(tmp_path) == second
+    assert load_checkpoint(latest_checkpoint(tmp_path)) == {}
 
 
 def test_tied_embeddings_load_in_place(tmp_path):
@@ -164,7 +241,17 @@ def test_bad_checkpoints_give_one_line_errors_naming_the_path(tmp_path, trained)
     with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.\S+ has no counterpart"):
         load_model_weights_(make_model(layers=1), path)
 
-    (path / "model.safetensors").unlink()
+    weights = path / "model.safetensors"
+    tensors = path / checkpoint.TRAINER_TENSORS
+    for file in (weights, tensors):
+        intact = file.read_bytes()
+        file.write_bytes(intact[:len(intact) // 2])
+        with pytest.raises(CheckpointError, match=f"{file} is truncated") as info:
+            load_checkpoint(path, model)
+        assert "\n" not in str(info.value)
+        file.write_bytes(intact)
+
+    weights.unlink()
     with pytest.raises(CheckpointError, match=f"{path} is incomplete: no \\*.safetensors"):
         load_model_weights_(model, path)
     state_file = path / checkpoint.TRAINER_STATE
@@ -173,13 +260,16 @@ def test_bad_checkpoints_give_one_line_errors_naming_the_path(tmp_path, trained)
         load_checkpoint(path)
     assert "\n" not in str(info.value)
     state_file.unlink()
-    with pytest.raises(CheckpointError, match=f"{path} is incomplete: trainer_state.pt is missing"):
+    with pytest.raises(CheckpointError, match=f"{path} is incomplete: trainer/state.json is missing"):
         load_checkpoint(path)
 
 
 def test_sharded_checkpoint_needs_the_model_to_load_its_optimizer(tmp_path, trained):
     model, optimizer, _ = trained
     path = save(tmp_path, 1, model, optimizer=optimizer)
-    (path / checkpoint.SHARDED).mkdir()  # what several ranks write (tests/test_distributed.py saves real ones)
+    state_file = path / checkpoint.TRAINER_STATE
+    saved = json.loads(state_file.read_text())
+    saved["optimizer"]["sharded"] = True  # what several ranks write (tests/test_distributed.py saves real ones)
+    state_file.write_text(json.dumps(saved))
     with pytest.raises(CheckpointError, match="loads by parameter name; pass the model too"):
         load_checkpoint(path, optimizer=optimizer)

@@ -341,10 +341,14 @@ def _seed_from(src: Path, dst: Path, step: int):
     (dst / "checkpoints" / "latest").write_text(name + "\n")
 
 
-def test_trainers_on_one_and_two_ranks_and_resume_across_world_sizes(tmp_path):
+def test_trainers_on_one_and_two_ranks_and_resume_across_world_sizes(tmp_path, monkeypatch):
     _skip_without_gloo()
+    import pickle
+
+    from test_checkpoint import RunsACommand, refuse_unpickling
     from transformers import AutoModelForCausalLM
 
+    from fastgrpo.checkpoint import SHARDED, load_checkpoint
     from fastgrpo.tiny import build_tiny_model
 
     model, work = build_tiny_model(tmp_path / "model", hidden=64, intermediate=128, layers=2), tmp_path / "runs"
@@ -356,7 +360,12 @@ def test_trainers_on_one_and_two_ranks_and_resume_across_world_sizes(tmp_path):
     mixed = "grpo:mixed:1:hf:model.dtype=bfloat16:train.lr=1e-6:train.weight_decay=0"
     two = _run(TORCHRUN, "train", [model, work, "grpo:b:1", "grpo:c:2", "sft:b:1", "sft:c:2", "grpo:hf:1:hf", mixed],
                tmp_path, "two")
+    # A DCP .metadata pickle planted beside the optimizer slices that "back" resumes from: nothing reads it.
+    marker = tmp_path / "pwned"
+    for trainer in ("grpo", "sft"):
+        (ckpt(f"{trainer}-b", 1) / SHARDED / ".metadata").write_bytes(pickle.dumps(RunsACommand(marker)))
     back = _run([], "train", [model, work, "grpo:b:2", "sft:b:2"], tmp_path, "back")  # 2 ranks' checkpoint, 1 rank
+    assert not marker.exists()
     assert (one["world_size"], two["world_size"], back["world_size"]) == (1, 2, 1)
 
     for trainer, keys in (("grpo", GRPO_KEYS), ("sft", SFT_KEYS)):
@@ -368,9 +377,13 @@ def test_trainers_on_one_and_two_ranks_and_resume_across_world_sizes(tmp_path):
         _same_steps(back[f"{trainer}:b:2"], straight, keys, f"{trainer}: 2 ranks' checkpoint resumed on 1")
         _same_weights(ckpt(f"{trainer}-b", 2), ckpt(f"{trainer}-a", 2))
         sharded = ckpt(f"{trainer}-b", 1)
-        assert (sharded / "sharded" / ".metadata").is_file() and not (ckpt(f"{trainer}-a", 1) / "sharded").exists()
+        assert list((sharded / SHARDED).glob("*.safetensors")) and not (ckpt(f"{trainer}-a", 1) / SHARDED).exists()
         exported = AutoModelForCausalLM.from_pretrained(sharded)  # the consolidated export
         assert type(exported).__name__ == "Qwen2ForCausalLM"
+        optimizer = torch.optim.AdamW(exported.parameters())
+        refuse_unpickling(monkeypatch)
+        load_checkpoint(sharded, exported, optimizer)  # the 2 ranks' optimizer slices, resharded without a pickle
+        monkeypatch.undo()
     assert any(h["rollout/refills"] > 0 for h in one["grpo:a:2"])  # the lockstep refill rounds were exercised
     (hf_step,) = two["grpo:hf:1:hf"]
     for key in ("reward/mean", "loss/entropy", "grad_norm", "completion/length_mean"):
