@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from fastgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linea
 from fastgrpo_kernels.grpo_loss import truncated_is_weights
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import GRPOConfig, load_config, to_yaml
+from .config import GRPOConfig, TrainConfig, load_config, write_run_config
 from .data import PromptSampler, decode, load_prompts
 from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, end_worker, init_distributed,
                           packed_hidden_states, reshard, world)
@@ -39,6 +39,13 @@ from .rewards import OverlongPenalty, RewardModelReward, compute_rewards, resolv
 
 # ----------------------------------------------------------------------------------------------------------
 # Init
+
+# What a resumed run may change (applied from its next step); a change of any other key is refused: the
+# checkpoint's weights, optimizer state, prompt position and history were made under the saved values.
+MAY_CHANGE = ("train.steps", "train.lr", "train.weight_decay", "train.warmup_steps", "train.max_grad_norm",
+              "train.max_bad_steps", "train.micro_batch_tokens", "generation.sync", "generation.kv_cache_gib",
+              "generation.gpu_memory_utilization", "generation.tensor_parallel_size", "model.gradient_checkpointing",
+              "log.")
 
 
 def make_generator(cfg: GRPOConfig, model, tokenizer):
@@ -62,14 +69,17 @@ def make_generator(cfg: GRPOConfig, model, tokenizer):
                          seed=cfg.train.seed, tensor_parallel_size=g.tensor_parallel_size)
 
 
-def make_rewards(cfg: GRPOConfig, reward_funcs=None):
-    """(functions, weights): those given by the caller, else the config's; plus DAPO's overlong penalty."""
+def make_rewards(cfg: GRPOConfig, reward_funcs=None, device=None):
+    """(functions, weights): those given by the caller, else the config's; plus DAPO's overlong penalty.
+
+    A reward model runs on `device` (the trainer's).
+    """
     if reward_funcs is None:
         names, weights = cfg.rewards.funcs, list(cfg.rewards.weights)
         if len(names) != len(weights):
             raise ValueError(f"rewards.funcs has {len(names)} entries but rewards.weights has {len(weights)}")
-        reward_funcs = [RewardModelReward(cfg.rewards.reward_model) if name == "reward_model" else resolve_reward(name)
-                        for name in names]
+        reward_funcs = [RewardModelReward(cfg.rewards.reward_model, device=device) if name == "reward_model"
+                        else resolve_reward(name) for name in names]
     else:
         weights = [1.0] * len(reward_funcs)
     if cfg.loss.overlong_buffer:
@@ -88,6 +98,27 @@ def constant_groups(rewards: torch.Tensor, G: int) -> torch.Tensor:
     return ~(grouped.nan_to_num(-float("inf")).amax(1) > grouped.nan_to_num(float("inf")).amin(1))
 
 
+def dynamic_sampling_column(cfg: GRPOConfig, reward_names: list[str]) -> int | None:
+    """The column of per_func whose constant groups dynamic sampling refills; None: the total reward."""
+    name = cfg.train.dynamic_sampling_reward
+    if name is None:
+        return reward_names.index("accuracy_reward") if "accuracy_reward" in reward_names else None
+    if name == "total":
+        return None
+    if name not in reward_names:
+        raise ValueError(f"train.dynamic_sampling_reward={name!r} names none of the run's rewards "
+                         f"({', '.join(reward_names)}; or 'total')")
+    return reward_names.index(name)
+
+
+def informative_groups(rewards: torch.Tensor, per_func: torch.Tensor, column: int | None, G: int) -> torch.Tensor:
+    """(B,) True where a group's rewards differ, judged by per_func[:, column] (S, F); by the total `rewards` (S,)
+    where column is None and for groups that reward does not apply to (all None: general prompts and accuracy)."""
+    judged = rewards if column is None else per_func[:, column]  # (S,)
+    unscored = judged.view(-1, G).isnan().all(1).repeat_interleave(G)  # (S,)
+    return ~constant_groups(torch.where(unscored, rewards, judged), G)
+
+
 @dataclass
 class Rollout:
     """One step's S = B*G sequences, group by group (the G completions of a prompt adjacent)."""
@@ -101,13 +132,14 @@ class Rollout:
     refills: int = 0
 
 
-def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: GRPOConfig, step: int) -> Rollout:
+def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: GRPOConfig, step: int,
+                    judge: int | None = None) -> Rollout:
     """The step's B groups of G completions, with rewards; on several ranks every rank returns the whole rollout.
 
     Every rank draws the same prompts (one sampler state, whatever the number of ranks, so a run resumes on any
     number) and scores its contiguous share of each round; prompt i of a round samples with the same seeds on any
     number of ranks. Groups never straddle ranks. With dynamic sampling the refill rounds run in lockstep on the global
-    count of kept groups.
+    count of kept groups, judging groups by per_func[:, judge] (the total reward where judge is None).
 
     Generation: each rank generates its own share, or, with generation.tensor_parallel_size = k > 1, each group of
     k consecutive ranks is one vLLM and every rank of it generates the group's share (its ranks' shares together)
@@ -145,7 +177,7 @@ def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: G
                                                 [c.token_ids for c in completions], columns)
             keep = torch.ones(len(mine), dtype=torch.bool)
             if cfg.train.dynamic_sampling and refills < cfg.train.max_refills:
-                keep = ~constant_groups(rewards, G)  # DAPO dynamic sampling: refill groups that teach nothing
+                keep = informative_groups(rewards, per_func, judge, G)  # DAPO: refill groups that teach nothing
             for i in keep.nonzero().squeeze(1).tolist():
                 rows = slice(i * G, (i + 1) * G)
                 parts.append(([mine[i][0]] * G, completions[rows], rewards[rows], per_func[rows]))
@@ -182,7 +214,7 @@ def score(model, micro_batches, temperature, shape, precision) -> torch.Tensor:
     return out
 
 
-def optimize(model, ref_model, optimizer, scheduler, rollout: Rollout, advantages, cfg: GRPOConfig) -> dict:
+def optimize(model, ref_model, optimizer, rollout: Rollout, advantages, cfg: GRPOConfig) -> dict:
     """num_iterations optimizer updates on one rollout; returns the step's loss metrics.
 
     `rollout` and `advantages` are the whole step's. On several ranks each rank trains on its share of the
@@ -205,6 +237,9 @@ def optimize(model, ref_model, optimizer, scheduler, rollout: Rollout, advantage
         micro_batches.append((packed, *completion_rows(packed), bool(indices)))
     keep_seq = ~rollout.truncated if L.mask_truncated else torch.ones(S, dtype=torch.bool)
     num_items = float(sum(len(c) for c, k in zip(rollout.completion_ids, keep_seq) if k))
+    stats = PackingStats.from_plan(lengths, plans).as_dict()
+    if num_items == 0:  # every completion masked out (all truncated under loss.mask_truncated): no loss, no update
+        return {"nothing_to_train": 1.0, "bad_updates": 0, **stats}
     advantages, keep_seq = advantages.to(device), keep_seq.to(device)
     loss_config = GRPOLossConfig(loss_type=L.loss_type, importance_level=L.importance_level, eps_low=L.eps_low,
                                  eps_high=L.eps_high, delta=L.delta, beta=L.beta, temperature=T,
@@ -247,19 +282,41 @@ def optimize(model, ref_model, optimizer, scheduler, rollout: Rollout, advantage
             bad += 1
             continue
         optimizer.step()
-        scheduler.step()
     # Gradients are not needed until the next update: freed now, they are not held (a model's size) through the
     # next rollout and reference pass.
     optimizer.zero_grad(set_to_none=True)
     names = list(totals)  # the same order on every rank: the loss's own
     summed = all_reduce_sum(torch.tensor([totals[k] for k in names] + [tokens], dtype=torch.float64)).tolist()
-    stats = PackingStats.from_plan(lengths, plans).as_dict()
     return {**{f"loss/{k}": v / max(summed[-1], 1.0) for k, v in zip(names, summed)}, "grad_norm": float(grad_norm),
-            "bad_updates": bad, **stats}
+            "bad_updates": bad, "nothing_to_train": 0.0, **stats}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The loop
+
+
+def learning_rate(train: TrainConfig, step: int) -> float:
+    """Step `step`'s learning rate, used by each of its num_iterations updates: linear warmup over the first
+    train.warmup_steps steps (GRPO steps, not updates), then constant."""
+    return train.lr * min(1.0, (step + 1) / max(train.warmup_steps, 1))
+
+
+def make_sampler(cfg: GRPOConfig, tokenizer) -> PromptSampler:
+    """The prompts in an order drawn from data.seed and train.seed, so that runs over seeds (the pipeline's seed
+    goes into train.seed) see the prompts in different orders; data.seed alone picks a built-in task's examples."""
+    order = replace(cfg.data, seed=cfg.data.seed + cfg.train.seed)
+    return PromptSampler(load_prompts(cfg.data), tokenizer, order)
+
+
+def check_trained(history: list[dict], bad_steps: int, cfg: GRPOConfig, run_dir: Path) -> None:
+    """Raise unless the run ends on a good, saved step and some step of it updated the weights."""
+    if bad_steps:
+        raise RuntimeError(f"the run's last {bad_steps} step(s) had non-finite gradients, so its final state was not "
+                           f"saved; the last good checkpoint is {latest_checkpoint(run_dir)}")
+    updated = [h for h in history if not h["nothing_to_train"] and h["bad_updates"] < cfg.train.num_iterations]
+    if history and not updated:
+        raise RuntimeError(f"no step of the run in {run_dir} updated the weights: every step had non-finite gradients "
+                           f"or no trainable token")
 
 
 def rollout_metrics(rollout: Rollout, advantages, reward_names, G: int) -> dict:
@@ -294,27 +351,24 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
         raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of the number "
                          f"of ranks ({world_size})")
     run_dir = Path(cfg.log.run_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    checkpoint = latest_checkpoint(run_dir)
+    write_run_config(run_dir, cfg, checkpoint is not None, MAY_CHANGE, write=rank == 0)
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_causal_lm(cfg.model, trainable=True, device=device)
     ref_model = load_causal_lm(cfg.model, trainable=False, device=device) if cfg.loss.beta else None
-    funcs, weights = make_rewards(cfg, reward_funcs)
+    funcs, weights = make_rewards(cfg, reward_funcs, device)
     reward_names = [reward_name(f) for f in funcs]
+    judge = dynamic_sampling_column(cfg, reward_names)
     # fused: one kernel over all parameters, no parameter-sized temporaries (the default foreach path needs ~0.9x
     # the model's size on top, and is 10x slower on CPU: measured on a 180M-parameter model, 1.3 s vs 0.12 s)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   fused=True)
-    warmup = max(cfg.train.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    sampler = PromptSampler(load_prompts(cfg.data), tokenizer, cfg.data)
+    sampler = make_sampler(cfg, tokenizer)
 
     start, bad_steps, history = 0, 0, []
-    checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, model, optimizer)
         start, bad_steps, history = state["step"], state["bad_steps"], state["history"]
         sampler.load_state(state["sampler"])
     generator = make_generator(cfg, model, tokenizer)
@@ -329,26 +383,30 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
         timer = Timer()
         with timer("generation"):
             generator.wake()
-            rollout = collect_rollout(generator, sampler, tokenizer, funcs, weights, cfg, step)
+            rollout = collect_rollout(generator, sampler, tokenizer, funcs, weights, cfg, step, judge)
             generator.sleep()
         advantages = group_advantages(rollout.rewards, G, cfg.loss.advantage_scale)
+        lr = learning_rate(cfg.train, step)
+        for group in optimizer.param_groups:  # the config's values, also after a resume that changed them
+            group.update(lr=lr, weight_decay=cfg.train.weight_decay)
         with timer("training"):
-            loss_metrics = optimize(model, ref_model, optimizer, scheduler, rollout, advantages, cfg)
+            loss_metrics = optimize(model, ref_model, optimizer, rollout, advantages, cfg)
         with timer("weight_sync"):
             generator.sync_weights()
-        bad_steps = bad_steps + 1 if loss_metrics["bad_updates"] == cfg.train.num_iterations else 0
+        if not loss_metrics["nothing_to_train"]:  # such a step neither ends nor extends a run of bad steps
+            bad_steps = bad_steps + 1 if loss_metrics["bad_updates"] == cfg.train.num_iterations else 0
         completion_tokens = sum(len(c) for c in rollout.completion_ids)
         metrics = {**rollout_metrics(rollout, advantages, reward_names, G), **loss_metrics, **timer.as_dict(),
                    "tokens_per_s": completion_tokens / max(sum(timer.as_dict().values()), 1e-9),
                    "peak_memory_mib": peak_memory_mib(), "data/skipped_long_prompts": sampler.skipped_long,
-                   "lr": scheduler.get_last_lr()[0]}
+                   "lr": lr}
         if logger is not None:
             logger.log(step, metrics)
         history.append({"step": step, **metrics})
         last = step + 1 == cfg.train.steps
         if last or (step + 1) % cfg.log.save_every == 0 or bad_steps:
             if not bad_steps:  # never overwrite the last good checkpoint with a state that went non-finite
-                save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, scheduler,
+                save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer,
                                 state={"step": step + 1, "bad_steps": 0, "history": history,
                                        "sampler": sampler.state()}, keep_last=cfg.log.keep_last)
         if bad_steps >= cfg.train.max_bad_steps:
@@ -358,6 +416,7 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
                                f"checkpoint is {latest_checkpoint(run_dir)}")
     if logger is not None:
         logger.close()
+    check_trained(history, bad_steps, cfg, run_dir)
     return history
 
 

@@ -140,3 +140,87 @@ def test_non_finite_steps_are_skipped_then_stop(model_path, tmp_path, monkeypatc
     assert kept[-1] == "step-00000002"  # the steps that went non-finite saved nothing
     logged = read_metrics(tmp_path)
     assert [r["bad_updates"] for r in logged] == [0, 0, 1, 1]
+
+
+def test_a_step_with_no_trainable_token_trains_nothing(model_path, tmp_path, monkeypatch):
+    """Every completion of step 0 truncated under mask_truncated: logged as nothing to train, no update, not a bad
+    step (max_bad_steps=1 would stop the run); step 1 trains as usual."""
+    import fastgrpo.grpo as grpo
+
+    def truncated_at_step_0(*args, **kwargs):
+        rollout = collect(*args, **kwargs)
+        rollout.truncated[:] = args[6] == 0
+        return rollout
+
+    collect = grpo.collect_rollout
+    monkeypatch.setattr(grpo, "collect_rollout", truncated_at_step_0)
+    cfg = make_cfg(model_path, tmp_path, "train.steps=2", "train.max_bad_steps=1", "loss.mask_truncated=true")
+    history = train(cfg, reward_funcs=[sevens])
+    assert [h["nothing_to_train"] for h in history] == [1.0, 0.0]
+    assert [h["bad_updates"] for h in history] == [0, 0] and "grad_norm" not in history[0]
+    assert math.isfinite(history[1]["grad_norm"])
+
+
+def test_a_run_that_trains_nothing_fails(model_path, tmp_path, monkeypatch):
+    import fastgrpo.grpo as grpo
+
+    def nan_loss(*args, **kwargs):
+        loss, metrics = fused(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    fused = grpo.fused_linear_grpo_loss
+    monkeypatch.setattr(grpo, "fused_linear_grpo_loss", nan_loss)
+    with pytest.raises(RuntimeError, match=r"last 2 step\(s\) had non-finite gradients, so its final state was not "
+                                           r"saved; the last good checkpoint is None"):
+        train(make_cfg(model_path, tmp_path / "nan", "train.steps=2"), reward_funcs=[sevens])
+    monkeypatch.undo()
+    # every completion runs to the length limit and is masked out: not one token to train on
+    cfg = make_cfg(model_path, tmp_path / "masked", "generation.ignore_eos=true", "loss.mask_truncated=true")
+    with pytest.raises(RuntimeError, match="no step of the run .* updated the weights"):
+        train(cfg, reward_funcs=[sevens])
+
+
+def test_warmup_counts_steps_and_the_logged_lr_is_the_steps_own(model_path, tmp_path):
+    cfg = make_cfg(model_path, tmp_path, "train.steps=3", "train.num_iterations=2", "train.warmup_steps=2")
+    history = train(cfg, reward_funcs=[sevens])
+    assert [h["lr"] for h in history] == pytest.approx([1.5e-3, 3e-3, 3e-3])
+
+
+def test_dynamic_sampling_judges_groups_by_the_accuracy_reward(model_path):
+    from fastgrpo.grpo import dynamic_sampling_column, informative_groups
+
+    names = ["accuracy_reward", "format_reward", "overlong_penalty"]
+    cfg = make_cfg(model_path, "unused")
+    assert dynamic_sampling_column(cfg, names) == 0 and dynamic_sampling_column(cfg, ["sevens"]) is None
+    assert dynamic_sampling_column(make_cfg(model_path, "unused", "train.dynamic_sampling_reward=total"), names) is None
+    with pytest.raises(ValueError, match="train.dynamic_sampling_reward='acc' names none of the run's rewards"):
+        dynamic_sampling_column(make_cfg(model_path, "unused", "train.dynamic_sampling_reward=acc"), names)
+    nan = float("nan")
+    # G = 2. Group 0: all wrong, formats differ (the total differs: kept before); group 1: one right; group 2: a
+    # general prompt that accuracy does not score, judged by its total
+    per_func = torch.tensor([[0.0, 1.0], [0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [nan, 0.3], [nan, 0.7]])
+    rewards = per_func.nansum(1)
+    assert informative_groups(rewards, per_func, 0, 2).tolist() == [False, True, True]
+    assert informative_groups(rewards, per_func, None, 2).tolist() == [True, True, True]
+
+
+def test_reward_model_runs_on_the_trainers_device(model_path, monkeypatch):
+    import fastgrpo.grpo as grpo
+
+    built = []
+    monkeypatch.setattr(grpo, "RewardModelReward", lambda path, device=None: built.append((path, device)))
+    cfg = make_cfg(model_path, "unused", "rewards.funcs=[reward_model]", "rewards.weights=[1.0]",
+                   "rewards.reward_model=/rm")
+    grpo.make_rewards(cfg, device=torch.device("meta"))
+    assert built == [("/rm", torch.device("meta"))]
+
+
+def test_prompt_order_follows_the_train_seed(model_path):
+    from transformers import AutoTokenizer
+
+    from fastgrpo.grpo import make_sampler
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    first = lambda seed: [make_sampler(make_cfg(model_path, "unused", f"train.seed={seed}"), tokenizer).next()[0]  # noqa: E731
+                          for _ in range(1)]
+    assert first(1) == first(1) and first(0) != first(1)

@@ -74,3 +74,25 @@ def test_sft_resume_applies_lr_and_refuses_data_changes(model_path, tmp_path, ca
     assert [h["lr"] for h in history] == [3e-3, 1e-4]  # the optimizer state's lr no longer wins
     assert "resume: train.lr changed from 0.003 to 0.0001, applied" in capsys.readouterr().out
     assert load_config(SFTConfig, tmp_path / "config.yaml").train.lr == 1e-4
+
+
+def sevens(completions, **kwargs):
+    return [c.count("7") / max(len(c), 1) for c in completions]
+
+
+def test_grpo_resume_applies_lr_and_refuses_g_and_beta(model_path, tmp_path, capsys):
+    from fastgrpo.grpo import train
+
+    def cfg(*overrides):
+        return load_config(GRPOConfig, None, [
+            f"model.path={model_path}", f"log.run_dir={tmp_path}", "log.tensorboard=false", "data.num_examples=16",
+            "data.max_prompt_length=32", "generation.backend=hf", "generation.num_generations=4",
+            "generation.max_completion_length=8", "train.prompts_per_step=2", "train.lr=3e-3", *overrides])
+
+    train(cfg("train.steps=1"), reward_funcs=[sevens])
+    with pytest.raises(ConfigError, match=r"changed generation.num_generations \(4 -> 2\), loss.beta \(0.0 -> 0.04\)"):
+        train(cfg("train.steps=2", "generation.num_generations=2", "loss.beta=0.04"), reward_funcs=[sevens])
+    history = train(cfg("train.steps=2", "train.lr=1e-4"), reward_funcs=[sevens])
+    assert [h["lr"] for h in history] == [3e-3, 1e-4]  # the scheduler state's lr no longer wins
+    out = capsys.readouterr().out
+    assert "resume: train.steps changed from 1 to 2, applied" in out and "train.lr changed" in out
