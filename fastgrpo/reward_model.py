@@ -7,6 +7,10 @@ Bradley-Terry loss -log sigmoid(r_chosen - r_rejected). Each side of a pair is r
 rewards.render_conversation and tokenized exactly as RewardModelReward does at RL time, so the model is trained
 on the text it will score. The result, run_dir/final, loads with RewardModelReward(path); run_dir/eval.json holds
 its held-out pairwise accuracy. A run whose final/ exists is finished: train() returns its saved eval.
+
+Every log.save_every steps the run is checkpointed (fastgrpo.checkpoint: weights, optimizer, RNG states) to
+run_dir/checkpoints; a killed run resumes from its latest checkpoint and ends exactly as an uninterrupted one (the
+pairs of step k are a function of (seed, k) alone). Once final/ is in place the checkpoints are removed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .checkpoint import fsync, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LogConfig, ModelConfig, load_config, to_yaml
 from .data import builtin_dataset
 from .metrics import MetricsLogger, Timer, peak_memory_mib
@@ -123,16 +128,32 @@ def evaluate(model, tokenizer, pairs, batch_pairs: int = 64) -> dict:
 
 
 def save_final(run_dir: Path, model, tokenizer, eval_metrics: dict) -> Path:
-    """eval.json, then final/ written under a temporary name and renamed into place: final/ only ever appears
-    whole, and a run with final/ always has its eval.json."""
-    tmp, final = run_dir / ".tmp-final", run_dir / "final"
+    """eval.json, then final/ written under a temporary name, fsynced and renamed into place: final/ only ever
+    appears whole, and a run with final/ always has its eval.json, also after a power loss."""
+    tmp, final, eval_tmp = run_dir / ".tmp-final", run_dir / "final", run_dir / ".tmp-eval.json"
     shutil.rmtree(tmp, ignore_errors=True)  # a save that crashed
     model.save_pretrained(tmp)  # safetensors
     tokenizer.save_pretrained(tmp)
-    (run_dir / ".tmp-eval.json").write_text(json.dumps(eval_metrics, indent=2) + "\n")
-    os.replace(run_dir / ".tmp-eval.json", run_dir / "eval.json")
+    eval_tmp.write_text(json.dumps(eval_metrics, indent=2) + "\n")
+    for file in (eval_tmp, *tmp.iterdir(), tmp):
+        fsync(file)
+    os.replace(eval_tmp, run_dir / "eval.json")
     os.replace(tmp, final)
+    fsync(run_dir)
     return final
+
+
+def train_step(model, optimizer, tokenizer, pairs, cfg: RewardModelConfig) -> dict:
+    """One Bradley-Terry update on `pairs`; returns its metrics."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(cfg.model, model.device):
+        margin = margins(model, tokenizer, pairs)  # (pairs_per_step,)
+    loss = -F.logsigmoid(margin).mean()
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    return {"loss": loss.item(), **pairwise_metrics(margin), "grad_norm": float(grad_norm)}
 
 
 def train(cfg: RewardModelConfig) -> dict:
@@ -157,27 +178,27 @@ def train(cfg: RewardModelConfig) -> dict:
                                   fused=True)
     pairs, skipped = load_pairs(cfg.data, tokenizer, "train")
     eval_pairs, _ = load_pairs(cfg.data, tokenizer, "eval")
+    checkpoint = latest_checkpoint(run_dir)
+    start = load_checkpoint(checkpoint, model, optimizer)["step"] if checkpoint is not None else 0
     logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
                            console_keys=("loss", "accuracy"))
-    for step in tqdm(range(cfg.train.steps), desc="reward_model", disable=None):
+    for step in tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="reward_model",
+                     disable=None):
         g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
         indices = torch.randint(len(pairs), (cfg.train.pairs_per_step,), generator=g).tolist()
         timer = Timer()
         with timer("training"):
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(cfg.model, model.device):
-                margin = margins(model, tokenizer, [pairs[i] for i in indices])  # (pairs_per_step,)
-            loss = -F.logsigmoid(margin).mean()  # Bradley-Terry
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-            if torch.isfinite(grad_norm):
-                optimizer.step()
-        logger.log(step, {"loss": loss.item(), **pairwise_metrics(margin), "grad_norm": float(grad_norm),
-                          **timer.as_dict(), "peak_memory_mib": peak_memory_mib(), "skipped_long_pairs": skipped})
+            metrics = train_step(model, optimizer, tokenizer, [pairs[i] for i in indices], cfg)
+        logger.log(step, {**metrics, **timer.as_dict(), "peak_memory_mib": peak_memory_mib(),
+                          "skipped_long_pairs": skipped})
+        if (step + 1) % cfg.log.save_every == 0 or step + 1 == cfg.train.steps:
+            save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, state={"step": step + 1},
+                            keep_last=cfg.log.keep_last)
     logger.close()
     with autocast(cfg.model, model.device):
         eval_metrics = evaluate(model, tokenizer, eval_pairs)
     save_final(run_dir, model, tokenizer, eval_metrics)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # final/ holds what they held
     return eval_metrics
 
 

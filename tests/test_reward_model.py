@@ -1,10 +1,14 @@
 """Reward-model training (R1 stage 4) on a tiny local model: held-out accuracy, scoring at RL time, no-op rerun,
-bad input."""
+exact resume of a killed run, bad input."""
 
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from fastgrpo import reward_model
+from fastgrpo.checkpoint import latest_checkpoint
 from fastgrpo.config import ConfigError, load_config
 from fastgrpo.data import builtin_dataset
 from fastgrpo.reward_model import RewardModelConfig, train
@@ -57,6 +61,35 @@ def test_rerunning_a_finished_run_is_a_no_op(trained):
     weights = (run_dir / "final" / "model.safetensors").stat().st_mtime_ns
     assert train(cfg) == result
     assert (run_dir / "final" / "model.safetensors").stat().st_mtime_ns == weights
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(model_path, tmp_path,
+                                                                                   monkeypatch):
+    args = ("train.steps=6", "log.save_every=2", "train.pairs_per_step=4", "data.num_examples=64",
+            "data.eval_examples=8")
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    straight = train(make_cfg(model_path, straight_dir, *args))
+
+    real_margins, calls = reward_model.margins, []
+
+    def killed_at_the_fourth_step(*margin_args):  # one call per training step
+        calls.append(len(calls))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_margins(*margin_args)
+
+    monkeypatch.setattr(reward_model, "margins", killed_at_the_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(model_path, killed_dir, *args))
+    monkeypatch.undo()
+    assert latest_checkpoint(killed_dir).name == "step-00000002"  # step index 2 was done, and is lost
+
+    assert train(make_cfg(model_path, killed_dir, *args)) == straight
+    logged = [json.loads(line)["step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [0, 1, 2, 2, 3, 4, 5]  # resumed at step 2, not from the start
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (straight_dir, killed_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (killed_dir / "checkpoints").exists()  # final/ holds what they held
 
 
 def test_jsonl_source_and_bad_input(model_path, tmp_path):
