@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .runs import lock_run_dir
+
 METRICS_FILE = "metrics.jsonl"
 RESERVED = ("step", "wall_time")
 # Shown on the console when present; every metric still goes to the file, TensorBoard and W&B.
@@ -39,7 +41,8 @@ class MetricsLogger:
     def __init__(self, run_dir, tensorboard: bool = True, wandb_project: str | None = None, console: bool = True,
                  console_keys: tuple[str, ...] = CONSOLE_KEYS):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # metrics.jsonl has one writer: a second process logging here would interleave its records with ours
+        lock_run_dir(self.run_dir)
         path = self.run_dir / METRICS_FILE
         if path.exists():
             _drop_partial_last_line(path)

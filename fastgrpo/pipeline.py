@@ -15,7 +15,11 @@ A value "@previous" is the output of the policy stage before (the base model for
 model, "@<stage>" that stage's output (a model folder, or rejection_sampling's dataset). Each stage runs in its
 own process, from RUN_DIR/<stage>/stage.yaml (the printed command reruns it alone), and its model is evaluated
 on held-out prompts. A finished stage leaves RUN_DIR/<stage>/DONE.json: rerunning the pipeline skips it, and an
-interrupted stage resumes from its latest checkpoint. The end: RUN_DIR/RESULTS.md and plots in RUN_DIR/plots.
+interrupted stage resumes from its latest checkpoint; DONE.json's seconds are those of every process that ran the
+stage. The end: RUN_DIR/RESULTS.md and plots in RUN_DIR/plots.
+
+One pipeline at a time writes a run dir (RUN_DIR/.lock), and each stage process locks its stage's folder; a stage
+process dies with the pipeline, even one killed with SIGKILL (a launcher such as torchrun stops its workers).
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .checkpoint import latest_checkpoint
-from .config import ConfigError, DataConfig, GRPOConfig, ModelConfig, RewardConfig, load_cli_config
+from .config import ConfigError, DataConfig, GRPOConfig, ModelConfig, RewardConfig, load_cli_config, to_yaml
 from .evaluate import EvalConfig
 from .rejection import RejectionConfig
 from .reward_model import RewardModelConfig
+from .runs import RunError, command_line, lock_run_dir, read_record, start_child, stop_child, write_atomic
 from .sft import SFTConfig, SFTDataConfig
 
 STAGES = ["reward_model", "cold_start", "reasoning_rl", "rejection_sampling", "sft", "helpfulness_rl"]
@@ -43,6 +48,8 @@ MODULES = {"reward_model": "fastgrpo.reward_model", "cold_start": "fastgrpo.sft"
 POLICY_STAGES = ["cold_start", "reasoning_rl", "sft", "helpfulness_rl"]  # those whose output is the policy
 TABLE_NAMES = {"base": "base model", "cold_start": "1 cold-start SFT", "reasoning_rl": "2 reasoning RL",
                "sft": "3 rejection sampling + SFT", "helpfulness_rl": "4 helpfulness RL"}
+SECONDS_FILE = "seconds.json"  # {"processes": [seconds of each process that ran the stage]}
+TICK_S = 5.0  # how often a running stage's seconds are saved: a pipeline killed outright loses at most this much
 
 
 @dataclass
@@ -91,9 +98,9 @@ def stage_dir(cfg: PipelineConfig, stage: str) -> Path:
 
 
 def finished(cfg: PipelineConfig, stage: str) -> dict | None:
-    """A finished stage's record ({"stage", "output", "seconds"}) from its DONE.json, or None."""
-    done = stage_dir(cfg, stage) / "DONE.json"
-    return json.loads(done.read_text()) if done.exists() else None
+    """A finished stage's record ({"stage", "output", "seconds", "processes"}) from its DONE.json, or None (also
+    when DONE.json is empty or corrupt: the stage runs again, which resumes from its last checkpoint)."""
+    return read_record(stage_dir(cfg, stage) / "DONE.json", then=f"{stage} runs again (it resumes where it was)")
 
 
 def output_of(cfg: PipelineConfig, stage: str) -> str | None:
@@ -156,24 +163,46 @@ def eval_config(cfg: PipelineConfig, model: str, out: Path) -> EvalConfig:
 
 
 def run_module(module: str, config, yaml_path: Path, log_path: Path, threads: int = 0,
-               launcher: list[str] = ()) -> float:
-    """`python -m module yaml_path` (or `launcher -m module yaml_path`) in a fresh process, output to log_path;
-    returns seconds. Raises on failure."""
+               launcher: list[str] = (), seconds_path: Path | None = None) -> list[float]:
+    """`python -m module yaml_path` (or `launcher -m module yaml_path`) in a fresh process that dies with this one,
+    output to log_path. Returns the seconds of each process that ran it: those recorded in `seconds_path`, then this
+    one's, which it adds there (every TICK_S while it runs). Raises RunError on failure."""
     yaml_path.parent.mkdir(parents=True, exist_ok=True)
-    yaml_path.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    yaml_path.write_text(to_yaml(config))
     command = [*(launcher or [sys.executable]), "-m", module, str(yaml_path)]
     print(f"    $ {' '.join(['python', *command[1:]] if not launcher else command)}   (log: {log_path})", flush=True)
     env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    earlier = read_record(seconds_path, then="earlier processes are not counted") if seconds_path else None
+    earlier = earlier["processes"] if earlier else []
     t0 = time.time()
+
+    def save_seconds():
+        if seconds_path:
+            write_atomic(seconds_path, json.dumps({"processes": [*earlier, time.time() - t0]}))
+
     with open(log_path, "a") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        proc = start_child(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            code = wait(proc, save_seconds)
+        finally:
+            stop_child(proc)  # when this process is stopped by an exception (Ctrl-C): the stage stops too
+    save_seconds()
     if code != 0:
         tail = log_path.read_text().strip().splitlines()[-1:] or [""]
-        raise RuntimeError(f"{module} failed (exit {code}): {tail[0]} -- full log: {log_path}; rerun the pipeline "
-                           f"to resume")
-    return time.time() - t0
+        raise RunError(f"{module} failed (exit {code}): {tail[0]} -- full log: {log_path}; rerun the pipeline "
+                       f"to resume")
+    return [*earlier, time.time() - t0]
+
+
+def wait(proc: subprocess.Popen, every_tick) -> int:
+    """proc's exit code, calling every_tick() each TICK_S seconds until it ends."""
+    while True:
+        try:
+            return proc.wait(TICK_S)
+        except subprocess.TimeoutExpired:
+            every_tick()
 
 
 def stage_output(cfg: PipelineConfig, stage: str, config) -> str:
@@ -182,15 +211,21 @@ def stage_output(cfg: PipelineConfig, stage: str, config) -> str:
         return str(out / "final")
     if stage == "rejection_sampling":
         return config.out
-    return str(latest_checkpoint(out).resolve())
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        raise RunError(f"{stage} ended without error but produced no checkpoint in {out / 'checkpoints'} (did it "
+                       f"train? see {out / 'stage.log'})")
+    return str(checkpoint.resolve())
 
 
 def evaluate_model(cfg: PipelineConfig, name: str, model: str) -> dict:
     out = Path(cfg.run_dir) / "eval" / f"{name}.json"
-    if not out.exists():
+    results = read_record(out, then="evaluating again")
+    if results is None:
         config = eval_config(cfg, model, out)
         run_module("fastgrpo.evaluate", config, out.with_suffix(".yaml"), out.with_suffix(".log"), cfg.threads)
-    return json.loads(out.read_text())
+        results = json.loads(out.read_text())
+    return results
 
 
 def run_stage(cfg: PipelineConfig, stage: str) -> dict:
@@ -201,10 +236,13 @@ def run_stage(cfg: PipelineConfig, stage: str) -> dict:
     print(f"  {stage}:", flush=True)
     config = stage_config(cfg, stage)
     launcher = cfg.launcher if MODULES[stage] in ("fastgrpo.sft", "fastgrpo.grpo") else []
-    seconds = run_module(MODULES[stage], config, stage_dir(cfg, stage) / "stage.yaml",
-                         stage_dir(cfg, stage) / "stage.log", cfg.threads, launcher)
-    record = {"stage": stage, "output": stage_output(cfg, stage, config), "seconds": seconds}
-    (stage_dir(cfg, stage) / "DONE.json").write_text(json.dumps(record, indent=1))
+    folder = stage_dir(cfg, stage)
+    processes = run_module(MODULES[stage], config, folder / "stage.yaml", folder / "stage.log", cfg.threads,
+                           launcher, seconds_path=folder / SECONDS_FILE)
+    seconds = sum(processes)
+    record = {"stage": stage, "output": stage_output(cfg, stage, config), "seconds": seconds,
+              "processes": len(processes)}
+    write_atomic(folder / "DONE.json", json.dumps(record, indent=1))
     print(f"    done in {seconds:.0f} s -> {record['output']}", flush=True)
     return record
 
@@ -285,8 +323,8 @@ def run(cfg: PipelineConfig) -> str:
         raise ConfigError(f"stages: unknown {unknown}; the stages are {', '.join(STAGES)}")
     t0 = time.time()
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "pipeline.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    lock_run_dir(run_dir)
+    (run_dir / "pipeline.yaml").write_text(to_yaml(cfg))
     build_base(cfg)
     print(f"R1 pipeline in {run_dir}: {', '.join(cfg.stages)}", flush=True)
     for stage in STAGES:
@@ -321,4 +359,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -2,15 +2,22 @@
 rejection sampling's filters, evaluation's majority vote, stage references and resuming."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from fastgrpo import pipeline
 from fastgrpo.config import ConfigError, load_config
 from fastgrpo.evaluate import majority_correct
 from fastgrpo.generation import Completion
-from fastgrpo.pipeline import STAGES, PipelineConfig, run
+from fastgrpo.pipeline import STAGES, PipelineConfig, finished, run, run_stage, stage_output
 from fastgrpo.rejection import RejectionConfig, accepted_samples, repetitive
+from fastgrpo.runs import RunError
 
 CONFIG = Path(__file__).parents[1] / "configs" / "r1_tiny.yaml"
 # Every stage a few steps: this checks the plumbing, not the learning (the README's results table does that).
@@ -75,7 +82,12 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint(tmp_path):
     run(cfg)
     steps = [json.loads(line)["step"] for line in open(stage / "metrics.jsonl")]
     assert steps.count(0) == 1 and steps[-2:] == [2, 3]  # steps 2-3 ran again, 0-1 did not
-    assert json.loads((stage / "DONE.json").read_text())["output"].endswith("step-00000004")
+    done = json.loads((stage / "DONE.json").read_text())
+    assert done["output"].endswith("step-00000004")
+    # the stage's time is both processes' (each of them imports, loads and trains: seconds, not milliseconds)
+    processes = json.loads((stage / "seconds.json").read_text())["processes"]
+    assert done["processes"] == len(processes) == 2 and min(processes) > 1
+    assert done["seconds"] == pytest.approx(sum(processes))
 
 
 def test_a_stage_alone_needs_what_it_starts_from(tmp_path):
@@ -84,6 +96,94 @@ def test_a_stage_alone_needs_what_it_starts_from(tmp_path):
         run(cfg)
     with pytest.raises(ConfigError, match=r"stages: unknown \['stage2'\]"):
         run(quick_config(tmp_path, "stages=[stage2]"))
+
+
+def test_a_stage_record_is_whole_and_counts_every_process(tmp_path, monkeypatch, capsys):
+    cfg = quick_config(tmp_path, "stages=[cold_start]")
+    monkeypatch.setattr(pipeline, "run_module", lambda *args, **kwargs: [3.0, 4.5])  # two processes ran it
+    monkeypatch.setattr(pipeline, "stage_output", lambda *args: "out")
+    assert run_stage(cfg, "cold_start") == {"stage": "cold_start", "output": "out", "seconds": 7.5, "processes": 2}
+    assert finished(cfg, "cold_start")["seconds"] == 7.5
+
+    done = tmp_path / "cold_start" / "DONE.json"
+    done.write_text("")  # what a crash while writing it in place left
+    assert finished(cfg, "cold_start") is None
+    assert capsys.readouterr().err == f"warning: {done} is empty: cold_start runs again (it resumes where it was)\n"
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the pipeline stopped while publishing DONE.json
+
+    done.unlink()
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(cfg, "cold_start")
+    assert not done.exists()
+
+
+def test_a_stage_that_saved_no_checkpoint_is_reported(tmp_path):
+    cfg = quick_config(tmp_path)
+    (tmp_path / "reasoning_rl").mkdir()  # e.g. every step was non-finite: the trainer never saved
+    with pytest.raises(RunError, match="reasoning_rl ended without error but produced no checkpoint in "
+                                       f"{tmp_path / 'reasoning_rl' / 'checkpoints'}"):
+        stage_output(cfg, "reasoning_rl", None)
+
+
+def test_two_pipelines_never_share_a_run_dir(tmp_path):
+    hold = "import sys; from fastgrpo.runs import lock_run_dir; lock_run_dir(sys.argv[1]); print(flush=True); " \
+           "sys.stdin.read()"
+    other = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        other.stdout.readline()
+        with pytest.raises(RunError, match=f"run dir {tmp_path} is in use by process {other.pid} "):
+            run(quick_config(tmp_path))
+    finally:
+        other.kill()
+        other.wait()
+    assert not (tmp_path / "pipeline.yaml").exists()
+
+
+def alive(marker: str) -> list[int]:
+    """The pids of the live processes whose command line holds `marker` (zombies are dead: nothing runs)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            found = proc.name.isdigit() and marker.encode() in (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] if found else "Z"
+        except OSError:  # it ended meanwhile
+            continue
+        if state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
+
+
+@pytest.mark.parametrize("launcher", [[], TORCHRUN], ids=["process", "torchrun"])
+def test_a_stage_dies_with_the_pipeline(tmp_path, launcher):
+    """SIGKILL leaves the pipeline no chance to stop its stage: the kernel must (and torchrun its workers)."""
+    overrides = [f"run_dir={tmp_path}", f"base.path={tmp_path / 'base'}", "stages=[cold_start]",
+                 "cold_start.train.steps=1000000", "launcher=[" + ",".join(f"'{a}'" for a in launcher) + "]"]
+    main = subprocess.Popen([sys.executable, "-m", "fastgrpo.pipeline", str(CONFIG), *overrides],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+    marker = str(tmp_path / "cold_start" / "stage.yaml")  # on the command line of the stage and of its workers
+    try:
+        deadline = time.time() + 300
+        while len(alive(marker)) < 1 + bool(launcher) and time.time() < deadline:
+            assert main.poll() is None, "the pipeline ended before its stage started"
+            time.sleep(0.2)
+        stage = alive(marker)
+        assert len(stage) == 1 + bool(launcher)
+        main.send_signal(signal.SIGKILL)
+        main.wait()
+        deadline = time.time() + 60
+        while alive(marker) and time.time() < deadline:
+            time.sleep(0.2)
+        assert alive(marker) == []
+    finally:
+        for pid in alive(marker):  # an orphan would train on for hours
+            os.kill(pid, signal.SIGKILL)
+        main.kill()
 
 
 class Scripted:
