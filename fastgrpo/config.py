@@ -159,7 +159,7 @@ def check_precision(model: ModelConfig) -> None:
                           "dtype, or keep wider weights")
 
 
-def _read_yaml(path) -> "DictConfig":
+def _read_yaml(path):
     """OmegaConf.load; a file that is not YAML, or not a mapping of keys, is a one-line ConfigError naming it."""
     import yaml
 
@@ -172,7 +172,7 @@ def _read_yaml(path) -> "DictConfig":
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not OmegaConf.is_dict(node):
-        raise ConfigError(f"config file {path} holds a {type(node).__name__}, not a mapping of keys to values")
+        raise ConfigError(f"config file {path} holds a list, not a mapping of keys to values")
     return node
 
 

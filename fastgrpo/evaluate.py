@@ -25,6 +25,7 @@ from .config import DataConfig, RewardConfig, load_cli_config
 from .data import decode, encode_prompt, load_general, load_prompts
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .rewards import FormatReward, RewardModelReward, accuracy_reward, compute_rewards, extract_answer, resolve_reward
+from .runs import check_model_path, command_line, write_atomic
 
 
 @dataclass
@@ -127,13 +128,14 @@ def evaluate_general(generator, tokenizer, cfg: EvalConfig) -> dict:
 def evaluate(cfg: EvalConfig) -> dict:
     if not Path(cfg.model).is_dir():
         raise ValueError(f"model={cfg.model!r} is not a checkpoint folder")
+    if cfg.data.general_source and cfg.rewards.reward_model:
+        check_model_path(cfg.rewards.reward_model, "rewards.reward_model")
     generator, tokenizer = make_sampler_llm(cfg)
     results = {"model": cfg.model, **evaluate_reasoning(generator, tokenizer, cfg)}
     if cfg.data.general_source:
         results.update(evaluate_general(generator, tokenizer, cfg))
     if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(results, indent=1))
+        write_atomic(cfg.out, json.dumps(results, indent=1))
     return results
 
 
@@ -150,4 +152,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

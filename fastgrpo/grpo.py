@@ -36,6 +36,7 @@ from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
 from .precision import autocast, load_causal_lm
 from .rewards import OverlongPenalty, RewardModelReward, compute_rewards, resolve_reward, reward_name
+from .runs import check_model_path, command_line, lock_run_dir
 
 # ----------------------------------------------------------------------------------------------------------
 # Init
@@ -351,6 +352,11 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
         raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of the number "
                          f"of ranks ({world_size})")
     run_dir = Path(cfg.log.run_dir)
+    check_model_path(cfg.model.path, "model.path")
+    if "reward_model" in cfg.rewards.funcs and cfg.rewards.reward_model:
+        check_model_path(cfg.rewards.reward_model, "rewards.reward_model")
+    if rank == 0:
+        lock_run_dir(run_dir)
     checkpoint = latest_checkpoint(run_dir)
     write_run_config(run_dir, cfg, checkpoint is not None, MAY_CHANGE, write=rank == 0)
     torch.manual_seed(cfg.train.seed)
@@ -436,4 +442,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -24,6 +24,7 @@ from .data import as_messages, load_general, load_prompts
 from .evaluate import sample
 from .generation import SamplingConfig, VLLMGenerator
 from .rewards import FormatReward, accuracy_reward, language_consistency_reward
+from .runs import check_model_path, command_line, write_atomic
 
 
 @dataclass
@@ -144,6 +145,7 @@ def run(cfg: RejectionConfig) -> dict:
     summary_path = out.with_suffix(".summary.json")
     if out.exists() and summary_path.exists():
         return json.loads(summary_path.read_text())
+    check_model_path(cfg.model, "model")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     generator = VLLMGenerator(cfg.model, None, sync="none", seed=cfg.seed, kv_cache_gib=cfg.kv_cache_gib,
                               max_model_len=cfg.data.max_prompt_length + cfg.max_completion_length, dtype=cfg.dtype)
@@ -157,7 +159,7 @@ def run(cfg: RejectionConfig) -> dict:
     summary = {"rows": len(rows) + len(general), "reasoning_rows": len(rows), "general_rows": len(general),
                "prompts": len({json.dumps(r["prompt"]) for r in rows}), "counts": counts, "config": asdict(cfg)}
     write_jsonl(rows + general, out)
-    summary_path.write_text(json.dumps(summary, indent=1))
+    write_atomic(summary_path, json.dumps(summary, indent=1))
     return summary
 
 
@@ -171,4 +173,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -32,6 +32,7 @@ from .data import builtin_dataset
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .precision import autocast, load_pretrained
 from .rewards import render_conversation
+from .runs import check_model_path, command_line, lock_run_dir
 
 @dataclass
 class RewardDataConfig:
@@ -162,6 +163,8 @@ def train(cfg: RewardModelConfig) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     run_dir = Path(cfg.log.run_dir)
+    check_model_path(cfg.model.path, "model.path")
+    lock_run_dir(run_dir)
     if (run_dir / "final").is_dir():
         return json.loads((run_dir / "eval.json").read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,4 +216,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -28,6 +28,7 @@ from .distributed import (all_reduce_sum, clip_grad_norm_, end_worker, init_dist
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
 from .precision import autocast, load_causal_lm
+from .runs import check_model_path, command_line, lock_run_dir
 
 
 # What a resumed run may change (applied from its next step); a change of any other key is refused: the
@@ -142,6 +143,9 @@ def train(cfg: SFTConfig) -> list[dict]:
     device = init_distributed()
     rank = world()[0]
     run_dir = Path(cfg.log.run_dir)
+    check_model_path(cfg.model.path, "model.path")
+    if rank == 0:
+        lock_run_dir(run_dir)
     checkpoint = latest_checkpoint(run_dir)
     write_run_config(run_dir, cfg, checkpoint is not None, MAY_CHANGE, write=rank == 0)
     torch.manual_seed(cfg.train.seed)
@@ -191,4 +195,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)
