@@ -81,6 +81,14 @@ class LossConfig:
     mask_truncated: bool = False  # completions cut at max_completion_length get no loss
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens (0: off)
 
+    def to_kernel(self, temperature: float, max_completion_length: int):
+        """The loss op's GRPOLossConfig: every field from here (the kernel's own defaults never apply to a run)."""
+        from fastgrpo_kernels import GRPOLossConfig  # here: loading a config needs no kernels
+
+        return GRPOLossConfig(loss_type=self.loss_type, importance_level=self.importance_level, eps_low=self.eps_low,
+                              eps_high=self.eps_high, delta=self.delta, beta=self.beta, temperature=temperature,
+                              max_completion_length=max_completion_length, compute_entropy=True)
+
 
 @dataclass
 class RewardConfig:

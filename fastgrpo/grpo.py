@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss, fused_linear_logprobs, group_advantages
+from fastgrpo_kernels import fused_linear_grpo_loss, fused_linear_logprobs, group_advantages
 from fastgrpo_kernels.grpo_loss import truncated_is_weights
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -137,45 +137,19 @@ def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: G
                     judge: int | None = None) -> Rollout:
     """The step's B groups of G completions, with rewards; on several ranks every rank returns the whole rollout.
 
-    Every rank draws the same prompts (one sampler state, whatever the number of ranks, so a run resumes on any
-    number) and scores its contiguous share of each round; prompt i of a round samples with the same seeds on any
-    number of ranks. Groups never straddle ranks. With dynamic sampling the refill rounds run in lockstep on the global
-    count of kept groups, judging groups by per_func[:, judge] (the total reward where judge is None).
-
-    Generation: each rank generates its own share, or, with generation.tensor_parallel_size = k > 1, each group of
-    k consecutive ranks is one vLLM and every rank of it generates the group's share (its ranks' shares together)
-    with the same seeds, then keeps its own slice: each completion is scored, and gathered, once.
+    A round draws the prompts still missing, each rank generates and scores its share of them, and, with dynamic
+    sampling, drops the groups that teach nothing (judged by per_func[:, judge]; the total reward where judge is
+    None); rounds repeat in lockstep on the global count of kept groups. Then every rank gathers every rank's groups.
     """
     B, G = cfg.train.prompts_per_step, cfg.generation.num_generations
-    g = cfg.generation
-    rank, world_size = world()
-    first = rank - rank % g.tensor_parallel_size  # the first rank of this rank's tensor-parallel group
     parts, refills, kept = [], 0, 0
     while kept < B:
+        # every rank draws the same prompts: one sampler state whatever the number of ranks, so a run resumes on any
         batch = [sampler.next() for _ in range(B - kept)]
-        bounds = [len(batch) * r // world_size for r in range(world_size + 1)]  # rank r: batch[bounds[r]:bounds[r+1]]
-        lo, hi = bounds[rank], bounds[rank + 1]
-        mine = batch[lo:hi]
-        group_lo, group_hi = bounds[first], bounds[first + g.tensor_parallel_size]
-        # Every sample of the run gets its own seed (prompt i of a round: seed + i * G + j), the same on any number of
-        # ranks and after a resume.
-        round_index = step * (cfg.train.max_refills + 1) + refills
-        seed = cfg.train.seed * 2**40 + round_index * B * G
-        sampling = SamplingConfig(n=G, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                  max_tokens=g.max_completion_length, ignore_eos=g.ignore_eos, seed=seed + group_lo * G)
-        # A rank with no prompt in a refill round still generates (a stand-in, dropped): with the hf backend under
-        # FSDP each forward is a collective that every rank must join.
-        outputs = generator.generate([ids for ids, _ in batch[group_lo:group_hi]] or [batch[0][0]], sampling)
-        outputs = outputs[lo - group_lo: hi - group_lo]
+        mine, completions = generate_share(generator, batch, cfg, step * (cfg.train.max_refills + 1) + refills)
         keep = torch.zeros(0, dtype=torch.bool)
         if mine:
-            prompts = [ex[cfg.data.prompt_column] for _, ex in mine for _ in range(G)]
-            completions = [c for group in outputs for c in group]
-            columns = {k: [ex[k] for _, ex in mine for _ in range(G)] for k in mine[0][1]}
-            columns.pop(cfg.data.prompt_column)
-            texts = [decode(tokenizer, c.token_ids) for c in completions]
-            rewards, per_func = compute_rewards(reward_funcs, weights, prompts, texts,
-                                                [c.token_ids for c in completions], columns)
+            rewards, per_func = score_share(mine, completions, tokenizer, reward_funcs, weights, cfg)
             keep = torch.ones(len(mine), dtype=torch.bool)
             if cfg.train.dynamic_sampling and refills < cfg.train.max_refills:
                 keep = informative_groups(rewards, per_func, judge, G)  # DAPO: refill groups that teach nothing
@@ -184,12 +158,50 @@ def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: G
                 parts.append(([mine[i][0]] * G, completions[rows], rewards[rows], per_func[rows]))
         kept += int(all_reduce_sum(float(keep.sum())))
         refills += 1
-    parts = [part for rank_parts in all_gather_objects(parts) for part in rank_parts]  # rank by rank
+    return gather_rollout(parts, refills - 1)
+
+
+def generate_share(generator, batch: list, cfg: GRPOConfig, round_index: int) -> tuple[list, list]:
+    """(this rank's contiguous share of a round's prompts `batch`, their completions: G per prompt, flat).
+
+    Every sample of the run gets its own seed (prompt i of a round: seed + i * G + j), the same on any number of ranks
+    and after a resume. Groups never straddle ranks. With generation.tensor_parallel_size = k > 1 each group of k
+    consecutive ranks is one vLLM: every rank of it generates the group's share (its ranks' shares together) with
+    the same seeds, then keeps its own slice, so that each completion is scored, and gathered, once.
+    """
+    B, G, g = cfg.train.prompts_per_step, cfg.generation.num_generations, cfg.generation
+    rank, world_size = world()
+    bounds = [len(batch) * r // world_size for r in range(world_size + 1)]  # rank r: batch[bounds[r]:bounds[r+1]]
+    lo, hi = bounds[rank], bounds[rank + 1]
+    first = rank - rank % g.tensor_parallel_size  # the first rank of this rank's tensor-parallel group
+    group_lo, group_hi = bounds[first], bounds[first + g.tensor_parallel_size]
+    seed = cfg.train.seed * 2**40 + round_index * B * G
+    sampling = SamplingConfig(n=G, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                              max_tokens=g.max_completion_length, ignore_eos=g.ignore_eos, seed=seed + group_lo * G)
+    # A rank with no prompt in a refill round still generates (a stand-in, dropped): with the hf backend under
+    # FSDP each forward is a collective that every rank must join.
+    outputs = generator.generate([ids for ids, _ in batch[group_lo:group_hi]] or [batch[0][0]], sampling)
+    return batch[lo:hi], [c for group in outputs[lo - group_lo: hi - group_lo] for c in group]
+
+
+def score_share(mine: list, completions: list, tokenizer, reward_funcs, weights, cfg: GRPOConfig):
+    """compute_rewards on this rank's prompts (each repeated G times) and their completions: (rewards, per_func)."""
+    G = cfg.generation.num_generations
+    prompts = [ex[cfg.data.prompt_column] for _, ex in mine for _ in range(G)]
+    columns = {k: [ex[k] for _, ex in mine for _ in range(G)] for k in mine[0][1]}
+    columns.pop(cfg.data.prompt_column)
+    texts = [decode(tokenizer, c.token_ids) for c in completions]
+    return compute_rewards(reward_funcs, weights, prompts, texts, [c.token_ids for c in completions], columns)
+
+
+def gather_rollout(parts: list, refills: int) -> Rollout:
+    """Every rank's kept groups (parts: (prompt ids, completions, rewards, per_func) per group), rank by rank."""
+    parts = [part for rank_parts in all_gather_objects(parts) for part in rank_parts]
     prompt_ids = [p for part in parts for p in part[0]]
-    comps = [c for part in parts for c in part[1]]
-    return Rollout(prompt_ids, [c.token_ids for c in comps], [c.logprobs for c in comps],
-                   torch.tensor([c.finish_reason == "length" for c in comps]),
-                   torch.cat([part[2] for part in parts]), torch.cat([part[3] for part in parts]), refills - 1)
+    completions = [c for part in parts for c in part[1]]
+    return Rollout(prompt_ids, [c.token_ids for c in completions], [c.logprobs for c in completions],
+                   torch.tensor([c.finish_reason == "length" for c in completions]),
+                   torch.cat([part[2] for part in parts]), torch.cat([part[3] for part in parts]), refills)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,10 +227,10 @@ def score(model, micro_batches, temperature, shape, precision) -> torch.Tensor:
     return out
 
 
-def optimize(model, ref_model, optimizer, rollout: Rollout, advantages, cfg: GRPOConfig) -> dict:
+def optimize(model, ref_model, optimizer, rollout: Rollout, advantages, loss_config, cfg: GRPOConfig) -> dict:
     """num_iterations optimizer updates on one rollout; returns the step's loss metrics.
 
-    `rollout` and `advantages` are the whole step's. On several ranks each rank trains on its share of the
+    `rollout` and `advantages` are the whole step's; loss_config: the loss op's (LossConfig.to_kernel). On several ranks each rank trains on its share of the
     micro-batches, planned over all ranks (tokens balanced, the same count on each); normalizers are the step's
     totals, gradients are summed over ranks, metrics are token-weighted over all ranks.
     """
@@ -242,9 +254,6 @@ def optimize(model, ref_model, optimizer, rollout: Rollout, advantages, cfg: GRP
     if num_items == 0:  # every completion masked out (all truncated under loss.mask_truncated): no loss, no update
         return {"nothing_to_train": 1.0, "bad_updates": 0, **stats}
     advantages, keep_seq = advantages.to(device), keep_seq.to(device)
-    loss_config = GRPOLossConfig(loss_type=L.loss_type, importance_level=L.importance_level, eps_low=L.eps_low,
-                                 eps_high=L.eps_high, delta=L.delta, beta=L.beta, temperature=T,
-                                 max_completion_length=cfg.generation.max_completion_length, compute_entropy=True)
     needs_old = cfg.train.num_iterations > 1 or L.tis_cap is not None
     old_logp = score(model, micro_batches, T, (S, width), autocast(cfg.model, device)) if needs_old else None
     ref_logp = score(ref_model, micro_batches, T, (S, width), autocast(cfg.model, device)) if L.beta else None
@@ -383,6 +392,7 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
     logger = (MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project)
               if rank == 0 else None)
     G = cfg.generation.num_generations
+    loss_config = cfg.loss.to_kernel(cfg.generation.temperature, cfg.generation.max_completion_length)
 
     for step in tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="grpo",
                      disable=None if rank == 0 else True):
@@ -396,7 +406,7 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
         for group in optimizer.param_groups:  # the config's values, also after a resume that changed them
             group.update(lr=lr, weight_decay=cfg.train.weight_decay)
         with timer("training"):
-            loss_metrics = optimize(model, ref_model, optimizer, rollout, advantages, cfg)
+            loss_metrics = optimize(model, ref_model, optimizer, rollout, advantages, loss_config, cfg)
         with timer("weight_sync"):
             generator.sync_weights()
         if not loss_metrics["nothing_to_train"]:  # such a step neither ends nor extends a run of bad steps
