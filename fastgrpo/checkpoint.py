@@ -20,8 +20,9 @@ tuples, strings, numbers, booleans, None and those tensors. Why not torch.load(w
 (trainer_state.pt): it is a restricted unpickler, still pickle's machinery run on a received file, and it has had
 code-execution holes of its own (CVE-2025-32434, torch < 2.6; CVE-2026-24747, torch < 2.10). A checkpoint that
 holds a pickle (trainer_state.pt, or sharded/.metadata, which torch.distributed.checkpoint's default FileSystemReader
-unpickles) is refused with one line naming the file, before anything is read. vLLM loads every top-level
-*.safetensors file as weights: hence the trainer/ directory.
+unpickles) is refused with one line naming the file, before anything is read; one you trust (your own run's) is
+rewritten in this format, in place, by `python -m fastgrpo.checkpoint upgrade CHECKPOINT`, which does unpickle.
+vLLM loads every top-level *.safetensors file as weights: hence the trainer/ directory.
 
 Under torchrun (several ranks, FSDP2) the optimizer state is saved sharded: each rank writes its slices of the
 optimizer tensors to trainer/sharded/ with torch.distributed.checkpoint (DCP) and its HuggingFaceStorageWriter, one
@@ -51,6 +52,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,10 +68,11 @@ from .distributed import world
 
 FORMAT = 2  # trainer/state.json's "format"; 1 was trainer_state.pt (pickle)
 TRAINER = "trainer"  # the checkpoint's subdirectory of what only resuming reads
-TRAINER_STATE = "trainer/state.json"
-TRAINER_TENSORS = "trainer/tensors.safetensors"
-SHARDED = "trainer/sharded"  # written by several ranks: their optimizer slices (DCP, safetensors)
-PICKLED = ("trainer_state.pt", "sharded/.metadata")  # the old format's pickles: refused, never opened
+TRAINER_STATE = f"{TRAINER}/state.json"
+TRAINER_TENSORS = f"{TRAINER}/tensors.safetensors"
+SHARDED = f"{TRAINER}/sharded"  # written by several ranks: their optimizer slices (DCP, safetensors)
+OLD_STATE, OLD_SHARDED = "trainer_state.pt", "sharded"  # format 1: pickles, refused unread (upgrade converts)
+PICKLED = (OLD_STATE, f"{OLD_SHARDED}/.metadata")
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 STEP_DIR = re.compile(r"step-(\d+)")
@@ -107,7 +110,7 @@ def save_checkpoint(run_dir, step: int, model, tokenizer, optimizer=None, schedu
             # Leftovers of a save that crashed; removing them first also frees the disk space a retry may need.
             for stale in root.glob(TMP_PREFIX + "*"):
                 shutil.rmtree(stale)
-            (tmp / TRAINER).mkdir(parents=True)
+            (tmp / TRAINER).mkdir(parents=True)  # the sharded save writes into it
         if world_size == 1:
             model.save_pretrained(tmp)
             trainer_state["optimizer"] = ({"sharded": False, "state_dict": _encode(optimizer.state_dict(), tensors,
@@ -118,8 +121,7 @@ def save_checkpoint(run_dir, step: int, model, tokenizer, optimizer=None, schedu
             trainer_state["optimizer"] = _save_sharded(tmp, model, optimizer, tensors)
         if rank == 0:
             tokenizer.save_pretrained(tmp)
-            save_file(tensors, tmp / TRAINER_TENSORS)
-            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
+            _write_trainer_state(tmp, trainer_state, tensors)
             _publish(root, tmp, final, keep_last)
     except (OSError, SafetensorError, CheckpointException) as e:
         if rank == 0:
@@ -150,6 +152,11 @@ def _save_sharded(tmp: Path, model, optimizer, tensors: dict) -> dict | None:
     if dist.get_rank() == 0:
         model.save_pretrained(tmp, state_dict=full)
     return encoded
+
+
+def _write_trainer_state(path: Path, trainer_state: dict, tensors: dict) -> None:
+    save_file(tensors, path / TRAINER_TENSORS)
+    (path / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
 
 
 def _split_optimizer_state(optimizer_state: dict) -> tuple[dict, dict]:
@@ -240,8 +247,9 @@ def _read_trainer_state(path: Path) -> dict:
     """trainer/state.json with its tensors put back; the old pickled format is refused unread."""
     for name in PICKLED:
         if (path / name).exists():
-            raise CheckpointError(f"{path / name} is a pickle (the checkpoint format before fastgrpo's format "
-                                  f"{FORMAT}); it is not loaded, since unpickling a received file can run code")
+            raise CheckpointError(f"{path / name} is a pickle (fastgrpo's checkpoint format before {FORMAT}), not "
+                                  "loaded: unpickling a received file can run code. If you trust it (your own run), "
+                                  f"convert it: python -m fastgrpo.checkpoint upgrade {path}")
     file = path / TRAINER_STATE
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {TRAINER_STATE} is missing")
@@ -440,3 +448,58 @@ def _set_rng_state(rng: dict) -> None:
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def upgrade_pickled_checkpoint(path) -> Path:
+    """Rewrite a checkpoint of format 1 (trainer_state.pt, sharded/) in this format, in place; returns its path.
+
+    This unpickles (torch.load(weights_only=True), and DCP's .metadata with plain pickle): run it only on a checkpoint
+    you trust, such as one your own run wrote. One process, whatever number of ranks saved it.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader, HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = Path(path)
+    if not (path / OLD_STATE).is_file():
+        raise CheckpointError(f"{path} has no {OLD_STATE}: not a checkpoint of format 1")
+    old = torch.load(path / OLD_STATE, map_location="cpu", weights_only=True)
+    tmp, tensors = path / (TMP_PREFIX + TRAINER), {}
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / TRAINER).mkdir(parents=True)
+    optimizer = old["optimizer"]
+    if optimizer == "sharded":
+        saved = {}  # rebuilt from .metadata, without a model, by the private calls DCP's dcp_to_torch_save makes
+        _load_state_dict(saved, storage_reader=FileSystemReader(path / OLD_SHARDED),
+                         planner=_EmptyStateDictLoadPlanner(keys={"optimizer"}), no_dist=True)
+        flat, rest = _split_optimizer_state(saved["optimizer"])
+        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(tmp / SHARDED, save_distributed=True), no_dist=True)
+        optimizer = {"sharded": True, "state_dict": _encode(rest, tensors, "optimizer")}
+    elif optimizer is not None:
+        optimizer = {"sharded": False, "state_dict": _encode(optimizer, tensors, "optimizer")}
+    _write_trainer_state(tmp, {"format": FORMAT, "state": _encode(old["state"], tensors, "state"),
+                               "scheduler": _encode(old["scheduler"], tensors, "scheduler"),
+                               "rng": _encode(old["rng"], tensors, "rng"), "optimizer": optimizer}, tensors)
+    for file in tmp.rglob("*"):
+        fsync(file)
+    # An upgrade that stopped after this rename left trainer/ beside the old files, which are still the source.
+    shutil.rmtree(path / TRAINER, ignore_errors=True)
+    os.replace(tmp / TRAINER, path / TRAINER)
+    tmp.rmdir()
+    (path / OLD_STATE).unlink()
+    shutil.rmtree(path / OLD_SHARDED, ignore_errors=True)
+    fsync(path)
+    return path
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "upgrade":
+        print("usage: python -m fastgrpo.checkpoint upgrade CHECKPOINT   (a checkpoint of format 1 that you trust)")
+        raise SystemExit(2)
+    print(f"{upgrade_pickled_checkpoint(argv[1])}: upgraded to format {FORMAT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,7 @@ import os
 import pickle
 import random
 import shlex
+import shutil
 
 import numpy as np
 import pytest
@@ -160,6 +161,41 @@ def test_a_received_pickle_is_refused_unread(tmp_path, trained, planted):
         finally:
             assert not marker.exists(), "unpickling the planted file ran its command"
     assert "\n" not in str(info.value)
+
+
+def _as_format_1(path, model, optimizer, scheduler, sharded):
+    """The checkpoint at `path` rewritten as fastgrpo wrote it before format 2: trainer_state.pt, and on several
+    ranks sharded/ as torch.distributed.checkpoint's default writer saves it (a pickled .metadata)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    shutil.rmtree(path / checkpoint.TRAINER)
+    if sharded:
+        dcp.save({"model": get_model_state_dict(model), "optimizer": get_state_dict(model, optimizer)[1]},
+                 checkpoint_id=path / "sharded", no_dist=True)
+    torch.save({"optimizer": "sharded" if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "state": {"step": 1}, "rng": checkpoint._get_rng_state()}, path / "trainer_state.pt")
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-process", "sharded"])
+def test_a_trusted_checkpoint_of_format_1_upgrades_in_place(tmp_path, trained, sharded, capsys):
+    model, optimizer, scheduler = trained
+    path = save(tmp_path, 1, model)
+    _as_format_1(path, model, optimizer, scheduler, sharded)
+    with pytest.raises(CheckpointError, match=f"python -m fastgrpo.checkpoint upgrade {path}$"):
+        load_checkpoint(path)
+
+    checkpoint.main(["upgrade", str(path)])
+    assert capsys.readouterr().out == f"{path}: upgraded to format 2\n"
+    assert sorted(p.name for p in path.iterdir() if not p.is_file()) == ["trainer"]  # no sharded/, no temporary
+    assert not (path / "trainer_state.pt").exists()
+    assert (path / checkpoint.SHARDED).is_dir() == sharded
+    other = make_model(seed=1)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    other_sched = torch.optim.lr_scheduler.LambdaLR(other_opt, lambda s: 1 / (1 + s))
+    assert load_checkpoint(path, other, other_opt, other_sched) == {"step": 1}
+    torch.testing.assert_close(other_opt.state_dict(), optimizer.state_dict(), rtol=0, atol=0)
+    assert other_sched.state_dict() == scheduler.state_dict()
 
 
 def refuse_unpickling(monkeypatch):
