@@ -146,6 +146,21 @@ def builtin_dataset(name: str, num_examples: int, seed: int, split: str):
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
+def load_file(path: str):
+    """The rows of a local .json / .jsonl / .parquet file; a missing or empty file is an error naming it."""
+    from datasets import load_dataset
+
+    if not Path(path).is_file():
+        raise ValueError(f"dataset file {path!r} does not exist")
+    try:
+        ds = load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path, split="train")
+    except StopIteration:  # what datasets raises for an empty JSON file
+        ds = []
+    if len(ds) == 0:
+        raise ValueError(f"dataset {path!r} has no rows")
+    return ds
+
+
 def _load(source: str, cfg: DataConfig, split: str | None, num_examples: int | None):
     """The rows of `source`: a built-in task's `split` ("eval": held out, else train), a local file, or the hub
     dataset's split (`split`, else cfg.split)."""
@@ -157,12 +172,7 @@ def _load(source: str, cfg: DataConfig, split: str | None, num_examples: int | N
                              num_examples or (cfg.eval_examples if held_out else cfg.num_examples), cfg.seed,
                              "eval" if held_out else "train")
     elif source.endswith(FILE_SUFFIXES):
-        if not Path(source).is_file():
-            raise ValueError(f"dataset file {source!r} does not exist")
-        try:
-            ds = load_dataset("parquet" if source.endswith(".parquet") else "json", data_files=source, split="train")
-        except StopIteration:  # what datasets raises for an empty JSON file
-            ds = []
+        return load_file(source)
     else:
         ds = load_dataset(source, split=split or cfg.split)
     if len(ds) == 0:
@@ -337,8 +347,10 @@ class PromptSampler:
             self.skipped_long += 1
             self._too_long.add(row)
             if len(self._too_long) == len(self.dataset):
-                raise ValueError(f"every prompt of dataset {self.cfg.source!r} (column {self.cfg.prompt_column!r}) "
-                                 f"is longer than data.max_prompt_length={self.cfg.max_prompt_length} tokens")
+                cfg = self.cfg
+                mixed = f" + {cfg.general_source!r}" if cfg.general_source and cfg.general_fraction else ""
+                raise ValueError(f"every prompt of dataset {cfg.source!r}{mixed} (column {cfg.prompt_column!r}) is "
+                                 f"longer than data.max_prompt_length={cfg.max_prompt_length} tokens")
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "skipped_long": self.skipped_long}

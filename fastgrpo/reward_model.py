@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .checkpoint import fsync, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LogConfig, ModelConfig, load_config, to_yaml
-from .data import builtin_dataset
+from .data import builtin_dataset, check_prompts, load_file
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .precision import autocast, load_pretrained
 from .rewards import render_conversation
@@ -66,18 +66,17 @@ class RewardModelConfig:
 
 def load_pairs(cfg: RewardDataConfig, tokenizer, split: str) -> tuple[list[tuple[list[int], list[int]]], int]:
     """([(chosen ids, rejected ids)] of `split` ("train" or "eval"), pairs skipped as too long)."""
-    from datasets import load_dataset
-
     if cfg.source.startswith("builtin:"):
         held_out = split == "eval"  # the task's held-out problems (data.split_of), as evaluation's
         ds = builtin_dataset(cfg.source.removeprefix("builtin:"), cfg.eval_examples if held_out else cfg.num_examples,
                              cfg.seed, split)
     else:
-        ds = load_dataset("json", data_files=cfg.source, split="train")
+        ds = load_file(cfg.source)
     columns = (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column)
     for column in columns:
         if column not in ds.column_names:
             raise ValueError(f"dataset {cfg.source!r} has no column {column!r} (columns: {', '.join(ds.column_names)})")
+    check_prompts(ds, cfg.source, cfg.prompt_column)
     rows = list(zip(*(ds[c] for c in columns)))
     if not cfg.source.startswith("builtin:"):
         cut = max(len(rows) - cfg.eval_examples, 0)

@@ -22,7 +22,7 @@ from fastgrpo_kernels import fused_linear_cross_entropy
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LogConfig, ModelConfig, load_config, write_run_config
-from .data import builtin_dataset, encode_prompt
+from .data import builtin_dataset, check_prompts, encode_prompt, load_file
 from .distributed import (all_reduce_sum, clip_grad_norm_, end_worker, init_distributed, packed_hidden_states,
                           world)
 from .metrics import MetricsLogger, Timer, peak_memory_mib
@@ -73,16 +73,15 @@ def cot_completion(example: dict, eos: str) -> str:
 
 def load_examples(cfg: SFTDataConfig, tokenizer) -> tuple[list[list[int]], list[int], int]:
     """(token ids of prompt + completion, prompt lengths, examples skipped as too long)."""
-    from datasets import load_dataset
-
     if cfg.source.startswith("builtin:"):
         ds = builtin_dataset(cfg.source.removeprefix("builtin:"), cfg.num_examples, cfg.seed, "train")
         pairs = [(ex["prompt"], cot_completion(ex, tokenizer.eos_token)) for ex in ds]
     else:
-        ds = load_dataset("json", data_files=cfg.source, split="train")
+        ds = load_file(cfg.source)
         for column in (cfg.prompt_column, cfg.completion_column):
             if column not in ds.column_names:
                 raise ValueError(f"dataset {cfg.source!r} has no column {column!r} (columns: {', '.join(ds.column_names)})")
+        check_prompts(ds, cfg.source, cfg.prompt_column)
         pairs = list(zip(ds[cfg.prompt_column], ds[cfg.completion_column]))
     sequences, prompt_lengths, skipped = [], [], 0
     for prompt, completion in pairs:

@@ -18,9 +18,9 @@ from fastgrpo.evaluate import evaluate_general, evaluate_reasoning
 from fastgrpo.generation import Completion
 from fastgrpo.pipeline import PipelineConfig
 from fastgrpo.rejection import accepted_samples, general_rows
-from fastgrpo.reward_model import load_pairs
+from fastgrpo.reward_model import RewardDataConfig, load_pairs
 from fastgrpo.rewards import FormatReward, accuracy_reward
-from fastgrpo.sft import load_examples
+from fastgrpo.sft import SFTDataConfig, load_examples
 from fastgrpo.tiny import char_tokenizer
 
 R1_TINY = Path(__file__).parents[1] / "configs" / "r1_tiny.yaml"
@@ -170,3 +170,10 @@ def test_empty_and_null_prompts_are_named(tmp_path):
         load_prompts(DataConfig(source=blank))
     with pytest.raises(ValueError, match="dataset file 'missing.jsonl' does not exist"):
         load_prompts(DataConfig(source="missing.jsonl"))
+    # SFT and reward-model files go through the same checks
+    sft_rows = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "1+1=", "completion": "2"}, {"prompt": None,
+                                                                                          "completion": "3"}])
+    with pytest.raises(ValueError, match="sft.jsonl': the prompt in column 'prompt' of row 1 is null"):
+        load_examples(SFTDataConfig(source=sft_rows), char_tokenizer())
+    with pytest.raises(ValueError, match="empty.jsonl' has no rows"):
+        load_pairs(RewardDataConfig(source=str(empty)), char_tokenizer(), "train")

@@ -191,3 +191,76 @@ def test_bad_input():
         fused_linear_logprobs(hidden, weight, ids[:, :-1])
     with pytest.raises(ValueError, match="chunk_bytes"):
         fused_linear_logprobs(hidden, weight, ids, chunk_bytes=0)
+
+
+def test_masked_positions_may_hold_any_id(backend):
+    """-100 or an id past the vocabulary where mask is 0 changes nothing; unmasked (and in the ops without a mask)
+    it is one ValueError naming the op, on both backends (before: the torch path wrapped the negative index, the
+    Triton kernel read out of bounds)."""
+    hidden, weight, ids, mask, old, ref, adv = make_inputs(seed=3)
+    masked = mask == 0
+    junk = ids.masked_fill(masked, -100)
+    junk[masked & (torch.arange(T) % 2 == 0)] = V + 3
+    config = GRPOLossConfig(beta=0.04, compute_entropy=True)
+    results = []
+    for targets in (ids, junk):
+        h, w = leaves(hidden, weight)
+        loss, metrics = fused_linear_grpo_loss(h, w, targets, adv, mask, old, ref, config, backend=backend,
+                                               chunk_bytes=SMALL_CHUNK)
+        loss.backward()
+        results.append((loss, metrics["entropy"], h.grad, w.grad))
+    for name, a, b in zip(("loss", "entropy", "dhidden", "dweight"), *results):
+        assert_close(b, a, dict(atol=0, rtol=0), name)
+    unmasked = junk.clone()
+    unmasked[0, 0], mask[0, 0] = -100, 1
+    with pytest.raises(ValueError, match=r"fused_linear_grpo_loss: token id -100 at position 0 "):
+        fused_linear_grpo_loss(hidden, weight, unmasked, adv, mask, old, ref, config, backend=backend)
+    with pytest.raises(ValueError, match=rf"fused_linear_logprobs: token id {V + 3} .*\[0, {V}\)"):
+        fused_linear_logprobs(hidden, weight, junk.clamp(min=0), backend=backend)
+
+    labels = ids.masked_fill(masked, V + 3)  # past the vocabulary, but masked: ignored like -100
+    losses = [fused_linear_cross_entropy(hidden, weight, y, mask=mask, backend=backend, chunk_bytes=SMALL_CHUNK)
+              for y in (ids, labels)]
+    assert_close(losses[1], losses[0], dict(atol=0, rtol=0), "ce")
+    with pytest.raises(ValueError, match=rf"fused_linear_cross_entropy: token id {V + 3} "):
+        fused_linear_cross_entropy(hidden, weight, labels, backend=backend)
+
+
+def test_autocast_fp32_weight_gradient_sums_in_fp32_over_many_chunks(backend):
+    """An fp32 weight under bf16 autocast gets dW summed in fp32 across chunks on both backends: its error against
+    fp64 does not grow with the number of chunks. A frequent token over similar hidden states makes one row of dW
+    a long coherent sum, the worst case for a low-precision sum: 128 one-row chunks measured 4.0e-2 relative on
+    the Triton path when it summed in bf16 (4.1e-3 in one chunk); 5.4e-3 in fp32 (torch path: 5e-4, 9e-4)."""
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(H, generator=g) + 0.1 * torch.randn(128, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.5
+    ids = torch.full((128,), 5)
+    # the exact gradient of what autocast computes: bf16-rounded inputs, then exact arithmetic
+    w64 = weight.bfloat16().double().requires_grad_()
+    torch.nn.functional.cross_entropy(hidden.bfloat16().double() @ w64.T, ids, reduction="sum").backward()
+    errors = []
+    for chunk_bytes in (None, 1):  # one chunk, one row per chunk
+        w = weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused_linear_cross_entropy(hidden, w, ids, reduction="sum", backend=backend,
+                                       chunk_bytes=chunk_bytes).backward()
+        assert w.grad.dtype == torch.float32
+        errors.append(float((w.grad.double() - w64.grad).norm() / w64.grad.norm()))
+    assert errors[1] < 1e-2 and errors[1] < 2 * errors[0], f"dW relative error, 1 chunk / 128 chunks: {errors}"
+
+
+def test_bf16_backends_compute_the_same_logprobs():
+    """bf16 at temperature 0.7: the torch path takes the target logit from the same bf16 product its log-sum-exp
+    saw, as the Triton path does, so the two agree to fp32 rounding: 1.9e-6 here, where they were up to 4.0e-2 apart
+    when the torch path took an fp32 dot product for the target logit."""
+    hidden, weight, ids, mask, _, _, adv = make_inputs(torch.bfloat16, seed=4)
+    hidden, weight = hidden * 2, weight * 2  # logits ~ 8, which bf16 rounds by up to 1.6e-2
+    with torch.no_grad():
+        logp = [fused_linear_logprobs(hidden, weight, ids, 0.7, backend=b, chunk_bytes=SMALL_CHUNK)
+                for b in ("torch", "triton")]
+    assert_close(logp[0], logp[1], dict(atol=2e-5, rtol=0), "logp, torch vs triton")
+    old, ref = logp[1] + 0.1, logp[1] - 0.1
+    config = GRPOLossConfig(beta=0.04, temperature=0.7)
+    losses = [fused_linear_grpo_loss(hidden, weight, ids, adv, mask, old, ref, config, backend=b,
+                                     chunk_bytes=SMALL_CHUNK)[0] for b in ("torch", "triton")]
+    assert_close(losses[0], losses[1], dict(atol=1e-6, rtol=1e-6), "loss, torch vs triton")

@@ -140,3 +140,130 @@ def test_bad_inputs():
         grpo_loss(logits, ids, adv, mask, old.reshape(-1)[:5], ref)
     with pytest.raises(ValueError, match="cu_seqlens"):
         grpo_loss(logits.view(6, 11), ids.view(6), adv, cu_seqlens=torch.tensor([0, 2, 5]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masked tokens, explicit advantage layout, normalizers
+
+
+def test_masked_positions_may_hold_any_id(backend):
+    """-100 (the Hugging Face label convention) or any id past the vocabulary where mask is 0 changes nothing; an
+    unmasked one is one ValueError naming the op, on both backends."""
+    logits, ids, mask, old, ref, adv = make_batch(3, 5, 301, seed=4)
+    config = GRPOLossConfig(beta=0.04, compute_entropy=True)
+    junk = ids.clone()
+    masked = mask == 0
+    junk[masked] = torch.where(torch.arange(int(masked.sum())) % 2 == 0, -100, 301 + 7)
+    clean_in, junk_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    clean, clean_metrics = grpo_loss(clean_in, ids, adv, mask, old, ref, config, backend=backend)
+    dirty, dirty_metrics = grpo_loss(junk_in, junk, adv, mask, old, ref, config, backend=backend)
+    clean.backward()
+    dirty.backward()
+    assert_close(dirty, clean, dict(atol=0, rtol=0), "loss")
+    assert_close(junk_in.grad, clean_in.grad, dict(atol=0, rtol=0), "dlogits")
+    assert_close(dirty_metrics["entropy"], clean_metrics["entropy"], dict(atol=0, rtol=0), "entropy")
+    junk[0, 0], mask[0, 0] = -100, 1
+    with pytest.raises(ValueError, match=r"grpo_loss: token id -100 at position 0 .* vocabulary \[0, 301\)"):
+        grpo_loss(logits, junk, adv, mask, old, ref, config, backend=backend)
+
+
+def test_masked_minus_inf_target_is_ignored(backend):
+    """A masked token whose target logit is -inf (its log-prob -inf, and old / reference log-probs -inf there too)
+    adds nothing to the loss or the gradient, with beta > 0: no 0 * inf."""
+    logits, ids, mask, old, ref, adv = make_batch(3, 5, 301, seed=5)
+    at = (0, int((mask[0] == 0).nonzero()[0]))  # a masked position of sequence 0
+    for level in ("token", "sequence"):
+        config = GRPOLossConfig(importance_level=level, beta=0.04, compute_entropy=True)
+        finite_in = logits.clone().requires_grad_()
+        finite, _ = grpo_loss(finite_in, ids, adv, mask, old, ref, config, backend=backend)
+        finite.backward()
+        bad_logits, bad_old, bad_ref = logits.clone(), old.clone(), ref.clone()
+        bad_logits[at + (int(ids[at]),)] = float("-inf")
+        bad_old[at], bad_ref[at] = float("-inf"), float("nan")
+        bad_in = bad_logits.requires_grad_()
+        loss, metrics = grpo_loss(bad_in, ids, adv, mask, bad_old, bad_ref, config, backend=backend)
+        loss.backward()
+        assert_close(loss, finite, dict(atol=1e-7, rtol=1e-6), f"{level} loss")
+        assert torch.isfinite(bad_in.grad).all() and bad_in.grad[at].abs().max() == 0
+        assert_close(bad_in.grad, finite_in.grad, GRAD_TOLERANCES[torch.float32], f"{level} dlogits")
+        assert all(torch.isfinite(v) for v in metrics.values())
+
+
+def test_per_token_advantages_are_explicit(backend):
+    """Packed, with as many tokens as sequences (N == B: lengths 2, 0, 1): per-token advantages are read per token
+    because they come as token_advantages, not because of their size; per-sequence advantages of the wrong size are
+    refused."""
+    logits, ids, mask, old, ref, _ = make_batch(3, 2, 301, seed=6)
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
+    keep = mask.bool()
+    token_adv = torch.tensor([[0.9, -1.3], [0.0, 0.0], [0.4, 0.0]])
+    cu_seqlens = torch.tensor([0, 2, 2, 3])
+    config = GRPOLossConfig(beta=0.04, temperature=0.8)
+    packed_in, padded_in = logits[keep].clone().requires_grad_(), logits.clone().requires_grad_()
+    packed, _ = grpo_loss(packed_in, ids[keep], None, None, old[keep], ref[keep], config,
+                          token_advantages=token_adv[keep], cu_seqlens=cu_seqlens, backend=backend)
+    expected, _ = grpo_loss_reference(padded_in, ids, None, mask, old, ref, config, token_advantages=token_adv)
+    packed.backward()
+    expected.backward()
+    assert_close(packed, expected, dict(atol=1e-6, rtol=1e-5), "loss")
+    assert_close(packed_in.grad, padded_in.grad[keep], GRAD_TOLERANCES[torch.float32], "dlogits")
+    with pytest.raises(ValueError, match="one per sequence"):
+        grpo_loss(logits[keep], ids[keep], token_adv[keep], cu_seqlens=torch.tensor([0, 1, 3]), backend=backend)
+    with pytest.raises(ValueError, match="not both"):
+        grpo_loss(logits, ids, torch.zeros(3), mask, token_advantages=token_adv, backend=backend)
+
+
+def split(tensor, parts):
+    return [None if tensor is None else tensor[p] for p in parts]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_micro_batch_losses_add_up_to_the_step(backend, loss_type, level):
+    """A step cut into micro-batches of unequal size, each given the step's counts (num_items, num_sequences,
+    num_batches): their losses and gradients add up to the whole step's, with no rescaling outside the op. bnpo is
+    a mean per batch by definition (TRL, Liger): the step averages the micro-batches' token means."""
+    logits, ids, mask, old, ref, adv = make_batch(5, 4, 301, seed=7)
+    config = GRPOLossConfig(loss_type=loss_type, importance_level=level, beta=0.04, max_completion_length=6)
+    parts = [slice(0, 1), slice(1, 4), slice(4, 5)]
+    counts = dict(num_items=mask.sum(), num_sequences=5, num_batches=len(parts))
+    whole_in = logits.clone().requires_grad_()
+    micro_in = [x.clone().requires_grad_() for x in split(logits, parts)]
+    if loss_type == "bnpo":
+        whole = sum(grpo_loss_reference(whole_in[p], ids[p], adv[p], mask[p], old[p], ref[p], config)[0]
+                    for p in parts) / len(parts)
+    else:
+        whole, _ = grpo_loss_reference(whole_in, ids, adv, mask, old, ref, config)
+    total = 0.0
+    for x, *rest in zip(micro_in, *(split(t, parts) for t in (ids, adv, mask, old, ref))):
+        loss, _ = grpo_loss(x, *rest, config, backend=backend, **counts)
+        total = total + loss
+    (1.3 * whole).backward()
+    (1.3 * total).backward()
+    assert_close(total, whole, dict(atol=1e-6, rtol=1e-5), "loss")
+    assert_close(torch.cat([x.grad for x in micro_in]), whole_in.grad, GRAD_TOLERANCES[torch.float32], "dlogits")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_nothing_to_train(backend, loss_type):
+    """Every completion masked (e.g. all truncated under mask_truncated), num_items 0: the loss is 0 with zero
+    finite gradients, as TRL's clamped normalizers give, instead of 0 / 0."""
+    logits, ids, mask, old, ref, adv = make_batch(3, 4, 301, seed=8)
+    config = GRPOLossConfig(loss_type=loss_type, beta=0.04, compute_entropy=True)
+    x = logits.clone().requires_grad_()
+    loss, metrics = grpo_loss(x, ids, adv, torch.zeros_like(mask), old, ref, config, num_items=0.0, backend=backend)
+    loss.backward()
+    assert loss == 0 and x.grad.abs().max() == 0
+    assert all(torch.isfinite(v) for v in metrics.values()) and metrics["tokens"] == 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_items=-1.0), "num_items"),
+    (dict(num_sequences=float("nan")), "num_sequences"),
+    (dict(num_batches=0), "num_batches"),
+    (dict(num_batches=1.5), "num_batches"),
+])
+def test_bad_normalizers(kwargs, match):
+    logits, ids, mask, old, ref, adv = make_batch(2, 3, 11)
+    with pytest.raises(ValueError, match=match):
+        grpo_loss(logits, ids, adv, mask, old, ref, **kwargs)

@@ -62,3 +62,15 @@ def test_bad_input():
         selective_logprobs(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="backend"):
         selective_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), backend="cuda")
+
+
+@pytest.mark.parametrize("bad_id", [-100, -1, 301])
+def test_out_of_range_ids_raise(backend, bad_id):
+    """No mask here, so every id is read: one outside [0, V) is one ValueError naming the op, on both backends
+    (before: an index error on the torch path, an out-of-bounds read in the Triton kernel)."""
+    ids = make_ids(4, 301)
+    ids[2] = bad_id
+    with pytest.raises(ValueError, match=rf"selective_logprobs: token id {bad_id} at position 2 .*\[0, 301\)"):
+        selective_logprobs(make_logits(4, 301, torch.float32), ids, backend=backend)
+    with pytest.raises(ValueError, match="integers"):
+        selective_logprobs(make_logits(4, 301, torch.float32), ids.float(), backend=backend)

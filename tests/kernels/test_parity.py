@@ -4,7 +4,7 @@ TRL 1.16's `GRPOTrainer._compute_loss` and Liger 0.8.5's `triton_grpo_loss`.
 Loss, d(loss)/d(logits) and the shared metrics, in fp32 on CPU; Liger's kernels and our Triton backend run under
 TRITON_INTERPRET=1 (tests/conftest.py). Every batch has sequences of different lengths, one of them fully masked.
 
-Deliberate differences, not compared:
+Deliberate differences, not compared (every one we know of):
 - TRL 1.16 defaults to `use_bias_correction_kl=True`: the k3 KL term is multiplied by the (differentiable)
   ratio, after DeepSeek-V3.2. Our KL is the plain k3 estimate, as is Liger's default; TRL runs here with it off.
 - At importance_level="sequence", TRL's clip fractions average one flag per sequence over all B sequences, fully
@@ -12,6 +12,17 @@ Deliberate differences, not compared:
   clip fractions are compared at token level only; Liger's at both levels.
 - TRL's sequence-level vLLM importance weights ("sequence_truncate") use the summed log-ratio, a product of token
   ratios; `truncated_is_weights(level="sequence")` uses the masked mean. Here both losses get the same weights.
+- Gradient accumulation, grpo and dr_grpo: TRL divides each micro-batch's loss by its own sequence count and by
+  the number of accumulation steps (a mean of micro-batch means); ours divide by the step's sequence count
+  (num_sequences), a mean over the step's sequences. The two agree when every micro-batch holds as many sequences
+  (test_micro_batches_match_trl_accumulation), and differ when the micro-batches are cut by token budget.
+- dr_grpo with max_completion_length=None divides by the padded length T; TRL always uses its configured
+  max_completion_length (here both get the same one).
+- Only TRL's grpo, bnpo, dapo and dr_grpo losses exist here (not cispo, sapo, luspo, vespo), nor its entropy
+  mask (top_entropy_quantile), off-policy mask, entropy bonus or auxiliary loss; all are off in TRL here.
+What is the same on purpose: bnpo is the mean over the local batch's tokens (TRL, Liger), with num_batches playing
+TRL's accumulation steps; dapo divides by the step's token count, num_items; masked tokens contribute nothing
+whatever they hold; an empty batch gives a loss of 0 (TRL clamps its normalizers to 1).
 """
 
 import types
@@ -112,11 +123,12 @@ def test_batch_reaches_every_branch(level):
     assert ((ratio > 1 - c.eps_low) & (ratio < 1.2)).any(), "unclipped"
 
 
-def run_ours(batch, backend):
+def run_ours(batch, backend, **normalizers):
     logits = batch.logits.clone().requires_grad_()
-    is_weights = None if batch.is_weights is None else batch.is_weights.expand(B, T)
+    is_weights = None if batch.is_weights is None else batch.is_weights.expand_as(batch.mask)
     loss, metrics = grpo_loss(logits, batch.ids, batch.advantages, batch.mask, batch.old_logp, batch.ref_logp,
-                              batch.config, is_weights=is_weights, num_items=batch.num_items, backend=backend)
+                              batch.config, is_weights=is_weights, num_items=batch.num_items, backend=backend,
+                              **normalizers)
     (GRAD_SCALE * loss).backward()
     return loss.detach(), logits.grad, {k: float(v) for k, v in metrics.items()}
 
@@ -135,7 +147,7 @@ def trl():
                                  entropy_from_logits=utils.entropy_from_logits)
 
 
-def trl_stand_in(trl, logits, batch):
+def trl_stand_in(trl, logits, batch, accumulation=1):
     """A `self` for GRPOTrainer._compute_loss: the attributes it reads, with the policy forward replaced by TRL's own
     log-softmax and entropy of `logits` (what its fused LM head computes from hidden states)."""
     c = batch.config
@@ -153,20 +165,21 @@ def trl_stand_in(trl, logits, batch):
         _get_per_token_logps_and_entropies=per_token_logps_and_entropies,
         loss_type=c.loss_type, importance_sampling_level=c.importance_level, beta=c.beta,
         epsilon_low=c.eps_low, epsilon_high=c.eps_high, max_completion_length=c.max_completion_length,
-        args=types.SimpleNamespace(delta=c.delta, use_bias_correction_kl=False, steps_per_generation=1),
+        args=types.SimpleNamespace(delta=c.delta, use_bias_correction_kl=False, steps_per_generation=accumulation),
         use_vllm=with_is, vllm_importance_sampling_correction=with_is,
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, _entropy_bonus_enabled=False, aux_loss_enabled=False,
         accelerator=types.SimpleNamespace(num_processes=1, gather=lambda x: x, reduce=lambda x, reduction: x),
-        current_gradient_accumulation_steps=1, model=types.SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=accumulation, model=types.SimpleNamespace(training=True),
         _metrics={"train": defaultdict(list)},
     )
 
 
-def run_trl(trl, batch):
+def run_trl(trl, batch, accumulation=1):
     logits = batch.logits.clone().requires_grad_()
-    trainer = trl_stand_in(trl, logits, batch)
+    trainer = trl_stand_in(trl, logits, batch, accumulation)
+    rows = batch.ids.shape[0]
     inputs = {
-        "prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+        "prompt_ids": torch.zeros(rows, 2, dtype=torch.long), "prompt_mask": torch.ones(rows, 2, dtype=torch.long),
         "completion_ids": batch.ids, "completion_mask": batch.mask, "advantages": batch.advantages,
         "ref_per_token_logps": batch.ref_logp,
         "num_items_in_batch": batch.mask.sum() if batch.num_items is None else batch.num_items,
@@ -202,6 +215,26 @@ def test_matches_trl(trl, loss_type, level, case, backend):
     names |= TRL_CLIP_METRICS if level == "token" else {}
     for name, trl_name in names.items():
         torch.testing.assert_close(metrics[name], trl_metrics[trl_name], **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def micro_batch(batch, rows: slice, num_items):
+    """Sequences `rows` of a batch, whose dapo normalizer is the whole step's token count."""
+    cut = lambda x: x[rows] if torch.is_tensor(x) and x.dim() else x  # noqa: E731
+    return types.SimpleNamespace(**{k: cut(v) for k, v in vars(batch).items()} | {"num_items": num_items})
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_micro_batches_match_trl_accumulation(trl, loss_type, level):
+    """A step of two micro-batches of three sequences each, summed with no rescaling: given the step's counts
+    (num_items, num_sequences, num_batches) our losses add up to TRL's with gradient_accumulation_steps=2."""
+    batch = make_batch(CASES["everything"], loss_type, level)
+    parts, total = (slice(0, 3), slice(3, 6)), batch.mask.sum()
+    normalizers = dict(num_sequences=B, num_batches=len(parts))
+    ours = [run_ours(micro_batch(batch, p, total), "torch", **normalizers) for p in parts]
+    theirs = [run_trl(trl, micro_batch(batch, p, total), accumulation=len(parts)) for p in parts]
+    torch.testing.assert_close(sum(o[0] for o in ours), sum(t[0] for t in theirs), **TOL)
+    torch.testing.assert_close(torch.cat([o[1] for o in ours]), torch.cat([t[1] for t in theirs]), **TOL)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -54,6 +54,27 @@ def rows_per_chunk(n_rows: int, row_bytes: int, chunk_bytes: int | None, device:
     return max(1, min(n_rows, budget // max(row_bytes, 1)))
 
 
+def checked_ids(ids: torch.Tensor, V: int, op: str, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """ids [N] with every position outside `keep` ([N] bool) set to 0, after checking that the kept ids lie in [0, V).
+
+    Masked positions may hold anything (-100, the Hugging Face label convention): no gather or kernel reads their id.
+    A kept id outside the vocabulary is one ValueError naming the op, the same on every backend, instead of an index
+    error, a silently wrapped negative index, or a Triton kernel reading out of bounds. Costs one O(N) reduction
+    and one host sync (on CUDA).
+    """
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"{op}: token ids must be integers, got {ids.dtype}")
+    if keep is not None:
+        ids = torch.where(keep, ids, 0)
+    bad = (ids < 0) | (ids >= V)
+    if bad.any():
+        where = int(bad.nonzero()[0, 0])
+        hint = "only unmasked positions need real ids" if keep is not None else "this op has no mask: every id is read"
+        raise ValueError(f"{op}: token id {int(ids[where])} at position {where} (flattened) is outside the vocabulary "
+                         f"[0, {V}); {hint}")
+    return ids
+
+
 def check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

@@ -25,9 +25,9 @@ import math
 
 import torch
 
-from ._dispatch import check_temperature, resolve_backend, rows_per_chunk
+from ._dispatch import check_temperature, checked_ids, resolve_backend, rows_per_chunk
 from .grpo_loss import (
-    GRPOLossConfig, finish_metrics, make_token_batch, metrics_dict, objective_grad,
+    GRPOLossConfig, Normalizers, finish_metrics, make_token_batch, metrics_dict, objective_grad,
 )
 from .logprobs import logits_backward, logits_forward
 
@@ -52,9 +52,22 @@ def _add_mm(out, a, b):
         out.add_(torch.mm(a, b))
 
 
+DW_SLICE_ROWS = 16384
+
+
+def _add_dw(dw, dz, h):
+    """dw (V, H) += dz^T h for a whole logits chunk dz (c, V). Summed in dW's dtype: an fp32 weight computed in bf16
+    gets fp32 sums of each chunk's bf16 product, whose temporary is one vocabulary slice, not another V x H."""
+    if dw.dtype == dz.dtype:
+        dw.addmm_(dz.t(), h)
+        return
+    for v0 in range(0, dw.shape[0], DW_SLICE_ROWS):
+        _add_mm(dw[v0: v0 + DW_SLICE_ROWS], dz[:, v0: v0 + DW_SLICE_ROWS].t(), h)
+
+
 def _without_autocast(fn):
-    """Run a sweep with autocast off: its fp32 parts (the target logit's dot product, the gradient sums over
-    tiles) must stay fp32, and its matmuls already see the dtype _autocast_inputs chose."""
+    """Run a sweep with autocast off: its fp32 parts (the gradient sums over tiles and chunks) must stay fp32,
+    and its matmuls already see the dtype _autocast_inputs chose."""
     def run(hidden, *args, **kwargs):
         with torch.autocast(hidden.device.type, enabled=False):
             return fn(hidden, *args, **kwargs)
@@ -96,7 +109,7 @@ def _eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, nee
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(logp) if with_entropy else None
     dh = torch.empty_like(hidden) if need_dh else None
-    dw = torch.zeros_like(weight) if dw_dtype else None  # summed in the weight's dtype, cast once at the end
+    dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device) if dw_dtype else None
     for start in range(0, N, step):
         rows = slice(start, min(start + step, N))
         h = hidden[rows]
@@ -109,8 +122,8 @@ def _eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, nee
         if need_dh:
             torch.mm(dz, weight, out=dh[rows])
         if dw_dtype:
-            dw.addmm_(dz.t(), h.to(weight.dtype))
-    return logp, entropy, dh, None if dw is None else dw.to(dw_dtype)
+            _add_dw(dw, dz, h.to(weight.dtype))
+    return logp, entropy, dh, dw
 
 
 @_without_autocast
@@ -137,7 +150,7 @@ def _backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, dw_dt
     N = hidden.shape[0]
     step, buf = _chunk_plan(hidden, weight, chunk_bytes)
     dh = torch.empty_like(hidden) if need_dh else None
-    dw = torch.zeros_like(weight) if dw_dtype else None
+    dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device) if dw_dtype else None
     for start in range(0, N, step):
         rows = slice(start, min(start + step, N))
         h = hidden[rows]
@@ -148,8 +161,8 @@ def _backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, dw_dt
         if need_dh:
             torch.mm(dz, weight, out=dh[rows])
         if dw_dtype:
-            dw.addmm_(dz.t(), h.to(weight.dtype))
-    return dh, None if dw is None else dw.to(dw_dtype)
+            _add_dw(dw, dz, h.to(weight.dtype))
+    return dh, dw
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,11 +171,12 @@ def _backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, dw_dt
 # A chunk of c rows is swept in tiles of a few hundred vocabulary entries. Pass 1 computes z_t = h_c W_t^T and,
 # while z_t is in cache, folds it into a running max and sum of exponentials (online log-sum-exp) and the entropy
 # sum. Pass 2 turns each tile into dz_t = -g p_t and applies both gradient matmuls while dz_t is in cache. The
-# one-hot part of d(logp)/dz (g at the target) is applied apart, as dh += g W[ids] and dW[ids] += g h, and the
-# target's logit is dot(h, W[id]): no tile ever looks up a target. The logits chunk is read back from memory once
-# (pass 2) instead of streaming through it in five passes (log-softmax and its gradient over the whole chunk),
-# which added 30-40% to the matmuls at N = 1024, H = 512, V = 151,936; with the tiles both ops run at the matmul
-# floor there (fp32, 2 cores).
+# one-hot part of d(logp)/dz (g at the target) is applied apart, as dh += g W[ids] and dW[ids] += g h. The target's
+# logit is read from its tile, so it is the very number the log-sum-exp saw (in bf16: the rounded product, as on the
+# Triton path; a separate fp32 dot product disagreed with it by up to 2e-2 in log-prob at T = 0.7). The logits
+# chunk is read back from memory once (pass 2) instead of streaming through it in five passes (log-softmax and its
+# gradient over the whole chunk), which added 30-40% to the matmuls at N = 1024, H = 512, V = 151,936; with the
+# tiles both ops run at the matmul floor there (fp32, 2 cores).
 
 TILE_BYTES = 2 * 2**20  # one c x tile fp32 block, cache-sized (1-4 MiB measured alike; 256 KiB slower)
 FORWARD_ROWS_FACTOR = 4  # sweeps that keep no logits chunk (memory: one tile) take 4x the rows: fewer matmuls
@@ -191,10 +205,14 @@ def _tiled_stats(h, weight, ids, inv_t, with_entropy, tiles, z_tiles):
     s = torch.zeros(c, device=h.device)
     w = torch.zeros(c, device=h.device) if with_entropy else None  # sum of exp(z - m) z
     scratch = torch.empty(z_tiles[0].numel(), device=h.device)
-    for (v0, v1), z in zip(tiles, z_tiles):
+    width = tiles[0][1] - tiles[0][0]  # every tile's but the last one's
+    tile_of, col = ids // width, ids % width  # where each target lies
+    z_at = torch.empty(len(tiles), c, device=h.device)  # [i, r]: tile i's logit at row r's target column
+    for i, ((v0, v1), z) in enumerate(zip(tiles, z_tiles)):
         _mm_into(h, weight[v0:v1], z)
         if inv_t != 1.0:
             z.mul_(inv_t)
+        torch.gather(z, 1, (col if v1 - v0 == width else col.clamp(max=v1 - v0 - 1))[:, None], out=z_at[i, :, None])
         m_new = torch.maximum(m, z.amax(1))
         e = torch.sub(z, m_new[:, None], out=scratch[: z.numel()].view(z.shape)).exp_()
         rescale = torch.exp(m - m_new)
@@ -203,7 +221,7 @@ def _tiled_stats(h, weight, ids, inv_t, with_entropy, tiles, z_tiles):
             w = w * rescale + torch.linalg.vecdot(e, z)
         m = m_new
     lse = m + torch.log(s)
-    z_target = torch.linalg.vecdot(h.float(), weight[ids].float()) * inv_t
+    z_target = z_at.gather(0, tile_of[None])[0]
     entropy = lse - w / s if with_entropy else None
     return z_target - lse, lse, entropy
 
@@ -338,12 +356,13 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 def fused_linear_logprobs(hidden, weight, ids, temperature=1.0, backend=None, chunk_bytes=None):
     """log_softmax(hidden @ weight.T / T)[ids] without materializing the logits.
 
-    hidden [..., H], weight [V, H], ids [...] -> logp [...] fp32. Use it under torch.no_grad() for the old and
-    reference log-prob passes (one matmul per chunk); its backward recomputes the logits chunk by chunk.
+    hidden [..., H], weight [V, H], ids [...] in [0, V) -> logp [...] fp32. Use it under torch.no_grad() for the
+    old and reference log-prob passes (one matmul per chunk); its backward recomputes the logits chunk by chunk.
     """
     check_temperature(temperature)
     hidden, dtype = _autocast_inputs(hidden, weight)
     flat_h, flat_ids = _flatten_inputs(hidden, weight, ids)
+    flat_ids = checked_ids(flat_ids, weight.shape[0], "fused_linear_logprobs")
     backend = resolve_backend(backend, hidden)
     return _FusedLinearLogprobs.apply(flat_h, weight, flat_ids, temperature, backend, chunk_bytes,
                                       dtype).view(ids.shape)
@@ -372,7 +391,8 @@ def fused_linear_cross_entropy(hidden, weight, ids, mask=None, reduction="mean",
                                chunk_bytes=None):
     """Token cross-entropy of hidden @ weight.T against ids, never materializing the logits.
 
-    hidden [..., H], weight [V, H], ids [...] (negative ids, e.g. -100, are ignored), mask [...] optional 0/1.
+    hidden [..., H], weight [V, H], ids [...] (negative ids, e.g. -100, are ignored), mask [...] optional 0/1; where
+    mask is 0 the id may be anything, elsewhere a non-negative id must be < V.
     reduction "mean" (over unmasked tokens) or "sum". Returns an fp32 scalar.
     """
     check_temperature(temperature)
@@ -380,13 +400,14 @@ def fused_linear_cross_entropy(hidden, weight, ids, mask=None, reduction="mean",
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     hidden, dtype = _autocast_inputs(hidden, weight)
     flat_h, flat_ids = _flatten_inputs(hidden, weight, ids)
-    keep = (flat_ids >= 0).float()
+    keep = flat_ids >= 0
     if mask is not None:
-        keep = keep * mask.reshape(-1).float()
-    token_weights = keep / keep.sum().clamp(min=1) if reduction == "mean" else keep
+        keep &= mask.reshape(-1) != 0
+    flat_ids = checked_ids(flat_ids, weight.shape[0], "fused_linear_cross_entropy", keep)
+    token_weights = keep.float() / (keep.sum().clamp(min=1) if reduction == "mean" else 1)
     backend = resolve_backend(backend, hidden)
-    return _FusedLinearCrossEntropy.apply(flat_h, weight, flat_ids.clamp(min=0), token_weights, temperature, backend,
-                                          chunk_bytes, dtype)
+    return _FusedLinearCrossEntropy.apply(flat_h, weight, flat_ids, token_weights, temperature, backend, chunk_bytes,
+                                          dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -417,8 +438,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             loss, dlogp, sums = objective_grad(logp, batch, config)
             dh, dw = _backward_sweep(hidden, weight, ids, lse, dlogp, config.temperature, need_dh, dw_dtype, backend,
                                      chunk_bytes)
-        entropy_sum = (entropy * batch.mask).sum() if with_entropy else None
-        metrics = finish_metrics(sums, entropy_sum, batch)
+        metrics = finish_metrics(sums, entropy, batch)
         ctx.mark_non_differentiable(metrics)
         ctx.save_for_backward(dh, dw)
         return loss, metrics
@@ -433,27 +453,35 @@ def fused_linear_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     ids: torch.Tensor,
-    advantages: torch.Tensor,
+    advantages: torch.Tensor | None,
     mask: torch.Tensor | None = None,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     config: GRPOLossConfig = GRPOLossConfig(),
     *,
     is_weights: torch.Tensor | None = None,
+    token_advantages: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    num_items: float | None = None,
+    num_items: float | torch.Tensor | None = None,
+    num_sequences: float | torch.Tensor | None = None,
+    num_batches: int = 1,
     backend: str | None = None,
     chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of `grpo_loss`, from hidden states and the LM-head weight instead of logits.
 
     hidden [B, T, H] (padded) or [N, H] with cu_seqlens [B + 1] (packed); weight [V, H] (requires_grad=False for a
-    frozen head skips dW); the other arguments as in `fastgrpo_kernels.grpo_loss`. Peak extra memory is one logits
-    chunk of at most chunk_bytes (default 128 MiB on CPU, 1 GiB on CUDA) plus O(N) vectors. Returns (loss, metrics).
+    frozen head skips dW); advantages [B] (or None, and token_advantages [B, T] / [N]), the per-token inputs, the
+    normalizers num_items / num_sequences / num_batches: as in `fastgrpo_kernels.grpo_loss`. Peak extra memory is
+    one logits chunk of at most chunk_bytes (default 128 MiB on CPU, 1 GiB on CUDA) plus O(N) vectors, and dW in
+    the weight's dtype. Returns (loss, metrics).
     """
     hidden, dtype = _autocast_inputs(hidden, weight)
     flat_h, flat_ids = _flatten_inputs(hidden, weight, ids)
-    batch = make_token_batch(ids, advantages, mask, old_logp, ref_logp, is_weights, config, cu_seqlens, num_items)
+    norms = Normalizers(num_items, num_sequences, num_batches)
+    batch = make_token_batch(ids, advantages, mask, old_logp, ref_logp, is_weights, config, cu_seqlens, norms,
+                             token_advantages)
+    flat_ids = checked_ids(flat_ids, weight.shape[0], "fused_linear_grpo_loss", keep=batch.live)
     backend = resolve_backend(backend, hidden)
     loss, metrics = _FusedLinearGRPOLoss.apply(flat_h, weight, flat_ids, batch, config, backend, chunk_bytes, dtype)
     return loss, metrics_dict(metrics, config)

@@ -6,10 +6,15 @@ Per token t of sequence b (logp from logits / temperature):
     l_t   = -min(min(r_t, delta) A_b, clip(r_t, 1 - eps_low, 1 + eps_high) A_b) * is_weight_t
             + beta * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)          k3 KL estimate
     loss  = sum_t w_t l_t, with w_t from the completion mask and the aggregation:
-        grpo     mask_t / (len_b * B)                  mean over each sequence, then over sequences
-        bnpo     mask_t / num_items                    mean over all tokens (num_items: local count, or a
-        dapo     (same as bnpo)                        global count for gradient accumulation / several ranks)
-        dr_grpo  mask_t / (B * max_completion_length)  sum over a constant length
+        grpo     mask_t / (len_b * S)                  mean over each sequence, then over the S sequences
+        dr_grpo  mask_t / (S * max_completion_length)  sum over a constant length
+        dapo     mask_t / num_items                    mean over the step's num_items tokens
+        bnpo     mask_t / (n_local * num_batches)      mean over this batch's n_local tokens (TRL, Liger); a step
+                                                       of num_batches batches averages their means (TRL's gradient
+                                                       accumulation)
+    S (num_sequences) and num_items default to this batch's own counts; give the step's global counts (over every
+    micro-batch and rank) and the micro-batch losses add up to the whole step's loss, with no rescaling outside.
+    Masked tokens contribute exactly nothing, whatever their inputs hold (-inf log-probs, NaN, ids outside [0, V)).
 
 The heavy part is the two passes over [N, V] logits (`logits_forward` / `logits_backward`, shared with
 selective_logprobs). Everything between them is O(N) math on per-token vectors, differentiated with autograd
@@ -24,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._dispatch import checked_ids
 from .logprobs import as_rows, logits_backward, logits_forward, selective_logprobs_reference
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
@@ -65,17 +71,26 @@ class GRPOLossConfig:
 
 
 def grpo_loss_reference(logits, ids, advantages, mask, old_logp=None, ref_logp=None, config=GRPOLossConfig(),
-                        is_weights=None, num_items=None):
-    """logits [B, T, V], ids/mask/old_logp/ref_logp/is_weights [B, T], advantages [B] -> (loss, metrics)."""
+                        is_weights=None, num_items=None, num_sequences=None, num_batches=1, token_advantages=None):
+    """logits [B, T, V], ids/mask/old_logp/ref_logp/is_weights [B, T], advantages [B] (or None and
+    token_advantages [B, T]) -> (loss, metrics)."""
     c = config
+    live = mask.bool()
+    logits = logits.masked_fill(~live[..., None], 0.0)  # masked rows: any id, any logits, never NaN
+    ids = ids.masked_fill(~live, 0)
     logp, entropy = selective_logprobs_reference(logits, ids, c.temperature, return_entropy=True)
     mask = mask.float()
-    old_logp = logp.detach() if old_logp is None else old_logp
+
+    def masked(x):
+        return None if x is None else torch.where(live, x, 0.0)
+
+    old_logp = logp.detach() if old_logp is None else masked(old_logp)
+    ref_logp, is_weights = masked(ref_logp), None if is_weights is None else masked(is_weights.expand_as(mask))
     log_ratio = logp - old_logp
     if c.importance_level == "sequence":
         log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
     ratio = torch.exp(log_ratio)
-    adv = advantages.unsqueeze(-1)
+    adv = masked(token_advantages) if token_advantages is not None else advantages.unsqueeze(-1)
     clipped = torch.clamp(ratio, 1 - c.eps_low, 1 + c.eps_high)
     unclipped = ratio if c.delta is None else torch.clamp(ratio, max=c.delta)
     per_token = -torch.min(unclipped * adv, clipped * adv)
@@ -87,12 +102,15 @@ def grpo_loss_reference(logits, ids, advantages, mask, old_logp=None, ref_logp=N
         per_token = per_token + c.beta * kl
     per_token = per_token.expand_as(mask)
     B, T = mask.shape
+    S = max(float(B if num_sequences is None else num_sequences), 1.0)
     if c.loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    elif c.loss_type in ("bnpo", "dapo"):
-        loss = (per_token * mask).sum() / (mask.sum().clamp(min=1) if num_items is None else num_items)
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / S
+    elif c.loss_type == "bnpo":
+        loss = (per_token * mask).sum() / (mask.sum().clamp(min=1) * num_batches)
+    elif c.loss_type == "dapo":
+        loss = (per_token * mask).sum() / max(float(mask.sum() if num_items is None else num_items), 1.0)
     else:
-        loss = (per_token * mask).sum() / (B * (c.max_completion_length or T))
+        loss = (per_token * mask).sum() / (S * (c.max_completion_length or T))
 
     def masked_mean(x):
         return ((x.expand_as(mask) * mask).sum() / mask.sum().clamp(min=1)).detach()
@@ -113,13 +131,15 @@ def grpo_loss_reference(logits, ids, advantages, mask, old_logp=None, ref_logp=N
 
 
 class TokenBatch(NamedTuple):
-    """Everything the objective needs besides logp; every tensor is flat [N] (seq_len / num_seqs aside)."""
+    """Everything the objective needs besides logp; every tensor is flat [N] (seq_len aside). Masked positions hold
+    zeros in every input, so nothing there can turn into NaN or inf."""
 
     old_logp: torch.Tensor | None
     ref_logp: torch.Tensor | None
     advantages: torch.Tensor  # per token
     is_weights: torch.Tensor | None
     mask: torch.Tensor  # fp32 0/1
+    live: torch.Tensor  # bool: mask != 0
     weights: torch.Tensor  # aggregation weight w_t (zero where masked)
     seq_idx: torch.Tensor  # which sequence each token belongs to
     seq_len: torch.Tensor  # [B] unmasked tokens per sequence
@@ -128,6 +148,22 @@ class TokenBatch(NamedTuple):
         """The tokens in `rows` (token-level objectives only: sequence stats stay whole)."""
         pick = lambda x: x if x is None or x is self.seq_len else x[rows]  # noqa: E731
         return TokenBatch(*(pick(x) for x in self))
+
+
+class Normalizers(NamedTuple):
+    """The loss's denominators (see the module docstring); None: this batch's own count."""
+
+    num_items: float | torch.Tensor | None = None  # dapo: tokens in the step
+    num_sequences: float | torch.Tensor | None = None  # grpo, dr_grpo: sequences in the step
+    num_batches: int = 1  # bnpo: batches whose losses one step sums
+
+    def check(self):
+        if not (isinstance(self.num_batches, int) and self.num_batches >= 1):
+            raise ValueError(f"num_batches must be an int >= 1, got {self.num_batches!r}")
+        for name in ("num_items", "num_sequences"):
+            value = getattr(self, name)
+            if value is not None and not torch.is_tensor(value) and not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
 def _flat(x, name, n):
@@ -139,45 +175,76 @@ def _flat(x, name, n):
     return x.float()
 
 
-def make_token_batch(ids, advantages, mask=None, old_logp=None, ref_logp=None, is_weights=None, config=GRPOLossConfig(),
-                     cu_seqlens=None, num_items=None) -> TokenBatch:
-    """Flatten per-token inputs given as [B, T] (padded) or [N] with cu_seqlens [B + 1] (packed)."""
+def _count(value, local, device):
+    """A normalizer as an fp32 scalar, at least 1: an empty batch (nothing to train) gives a loss of 0, not NaN."""
+    return torch.as_tensor(local if value is None else value, dtype=torch.float32, device=device).clamp(min=1)
+
+
+def _sequences(ids, cu_seqlens):
+    """(B, T, seq_idx [N]) of the padded [B, T] or packed [N] (cu_seqlens [B + 1]) layout."""
     device = ids.device
     if cu_seqlens is None:
         if ids.dim() != 2:
             raise ValueError(f"token ids must be [B, T], or [N] with cu_seqlens; got shape {tuple(ids.shape)}")
         B, T = ids.shape
-        seq_idx = torch.arange(B, device=device).repeat_interleave(T)
-    else:
-        if ids.dim() != 1:
-            raise ValueError(f"with cu_seqlens, token ids must be [N]; got shape {tuple(ids.shape)}")
-        lengths = cu_seqlens.diff()
-        if int(cu_seqlens[-1]) != ids.numel():
-            raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but there are {ids.numel()} tokens")
-        B, T = lengths.numel(), int(lengths.max())
-        seq_idx = torch.arange(B, device=device).repeat_interleave(lengths)
-    n = ids.numel()
+        return B, T, torch.arange(B, device=device).repeat_interleave(T)
+    if ids.dim() != 1:
+        raise ValueError(f"with cu_seqlens, token ids must be [N]; got shape {tuple(ids.shape)}")
+    lengths = cu_seqlens.diff()
+    if int(cu_seqlens[-1]) != ids.numel():
+        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but there are {ids.numel()} tokens")
+    B, T = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
+    return B, T, torch.arange(B, device=device).repeat_interleave(lengths)
+
+
+def _token_advantages(advantages, token_advantages, B, seq_idx, n):
+    """Advantages per token [N]: per-sequence ones [B] spread over their tokens, or token_advantages as given."""
+    if token_advantages is not None:
+        if advantages is not None:
+            raise ValueError("pass advantages (one per sequence, [B]) or token_advantages (one per token), not both")
+        return _flat(token_advantages, "token_advantages", n)
+    if advantages is None:
+        raise ValueError("advantages is None: pass one per sequence ([B]), or per-token ones as token_advantages=")
+    if advantages.numel() != B:
+        raise ValueError(f"advantages has {advantages.numel()} elements, expected one per sequence (B={B}); "
+                         f"per-token advantages go in token_advantages=")
+    return advantages.float().reshape(B)[seq_idx]
+
+
+def make_token_batch(ids, advantages, mask=None, old_logp=None, ref_logp=None, is_weights=None, config=GRPOLossConfig(),
+                     cu_seqlens=None, norms=Normalizers(), token_advantages=None) -> TokenBatch:
+    """Flatten per-token inputs given as [B, T] (padded) or [N] with cu_seqlens [B + 1] (packed)."""
+    B, T, seq_idx = _sequences(ids, cu_seqlens)
+    norms.check()
+    n, device = ids.numel(), ids.device
     mask = torch.ones(n, device=device) if mask is None else _flat(mask, "mask", n)
-    if advantages.numel() == B:
-        adv = advantages.float().reshape(B)[seq_idx]
-    else:
-        adv = _flat(advantages, "advantages", n)
+    live = mask != 0
     if config.beta != 0 and ref_logp is None:
         raise ValueError(f"beta={config.beta} needs ref_logp (reference log-probs); pass beta=0 to train without one")
+
+    def masked(x, name):
+        x = _flat(x, name, n)
+        return None if x is None else torch.where(live, x, 0.0)
+
+    adv = torch.where(live, _token_advantages(advantages, token_advantages, B, seq_idx, n), 0.0)
     seq_len = torch.zeros(B, device=device).index_add_(0, seq_idx, mask)
     if config.loss_type == "grpo":
-        weights = mask / (seq_len.clamp(min=1)[seq_idx] * B)
-    elif config.loss_type in ("bnpo", "dapo"):
-        weights = mask / (mask.sum().clamp(min=1) if num_items is None else float(num_items))
+        weights = mask / (seq_len.clamp(min=1)[seq_idx] * _count(norms.num_sequences, B, device))
+    elif config.loss_type == "bnpo":
+        weights = mask / (mask.sum().clamp(min=1) * norms.num_batches)
+    elif config.loss_type == "dapo":
+        weights = mask / _count(norms.num_items, mask.sum(), device)
     else:
-        weights = mask / (B * (config.max_completion_length or T))
-    return TokenBatch(_flat(old_logp, "old_logp", n), _flat(ref_logp, "ref_logp", n), adv,
-                      _flat(is_weights, "is_weights", n), mask, weights, seq_idx, seq_len)
+        weights = mask / (_count(norms.num_sequences, B, device) * (config.max_completion_length or T))
+    return TokenBatch(masked(old_logp, "old_logp"), masked(ref_logp, "ref_logp"), adv, masked(is_weights, "is_weights"),
+                      mask, live, weights, seq_idx, seq_len)
 
 
 def objective(logp: torch.Tensor, batch: TokenBatch, config: GRPOLossConfig):
     """Loss (sum of w_t l_t over the given tokens) and metric sums; differentiable w.r.t. logp [n]."""
     c = config
+    # Before any math, not after: a masked -inf log-prob times a zero weight is NaN, and so is its gradient.
+    logp = torch.where(batch.live, logp, 0.0)
     old_logp = logp.detach() if batch.old_logp is None else batch.old_logp
     log_ratio = logp - old_logp
     if c.importance_level == "sequence":
@@ -217,11 +284,12 @@ def objective_grad(logp, batch, config):
     return loss.detach(), dlogp, sums
 
 
-def finish_metrics(sums: torch.Tensor, entropy_sum, batch: TokenBatch) -> torch.Tensor:
-    """Metric sums -> [means over unmasked tokens..., token count], one tensor (no host sync)."""
-    if entropy_sum is not None:
+def finish_metrics(sums: torch.Tensor, entropy: torch.Tensor | None, batch: TokenBatch) -> torch.Tensor:
+    """Metric sums (and entropy [N] or None) -> [means over unmasked tokens..., token count], one tensor (no host
+    sync)."""
+    if entropy is not None:
         sums = sums.clone()
-        sums[METRICS.index("entropy")] = entropy_sum
+        sums[METRICS.index("entropy")] = (torch.where(batch.live, entropy, 0.0) * batch.mask).sum()
     tokens = batch.mask.sum()
     return torch.cat([sums / tokens.clamp(min=1), tokens[None]])
 
@@ -244,8 +312,7 @@ class _GRPOLoss(torch.autograd.Function):
         logp, lse, entropy = logits_forward(logits, ids, config.temperature, config.compute_entropy, backend,
                                             chunk_bytes)
         loss, dlogp, sums = objective_grad(logp, batch, config)
-        entropy_sum = (entropy * batch.mask).sum() if entropy is not None else None
-        metrics = finish_metrics(sums, entropy_sum, batch)
+        metrics = finish_metrics(sums, entropy, batch)
         ctx.mark_non_differentiable(metrics)
         ctx.save_for_backward(logits, ids, lse, dlogp)
         ctx.config = (config.temperature, inplace_backward, backend, chunk_bytes)
@@ -263,31 +330,42 @@ class _GRPOLoss(torch.autograd.Function):
 def grpo_loss(
     logits: torch.Tensor,
     ids: torch.Tensor,
-    advantages: torch.Tensor,
+    advantages: torch.Tensor | None,
     mask: torch.Tensor | None = None,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     config: GRPOLossConfig = GRPOLossConfig(),
     *,
     is_weights: torch.Tensor | None = None,
+    token_advantages: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    num_items: float | None = None,
+    num_items: float | torch.Tensor | None = None,
+    num_sequences: float | torch.Tensor | None = None,
+    num_batches: int = 1,
     inplace_backward: bool = False,
     backend: str | None = None,
     chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss over logits; gradients flow to `logits` only.
 
-    Padded layout:  logits [B, T, V], ids / mask / old_logp / ref_logp / is_weights [B, T], advantages [B]
-    Packed layout:  logits [N, V], those per-token tensors [N], cu_seqlens [B + 1] (int), advantages [B] or [N]
+    Padded layout:  logits [B, T, V]; ids / mask / old_logp / ref_logp / is_weights [B, T]
+    Packed layout:  logits [N, V]; those per-token tensors [N]; cu_seqlens [B + 1] (int)
+    advantages [B], one per sequence, always; per-token advantages ([B, T] or [N]) go in token_advantages instead,
+    with advantages=None. ids must lie in [0, V) where mask is nonzero; elsewhere they may hold anything (-100).
     old_logp None means on-policy (ratio 1, gradient still flows); is_weights are truncated importance-sampling
-    weights for rollout/trainer mismatch (see `truncated_is_weights`); num_items replaces the local token count
-    of bnpo/dapo. logits: fp32, bf16 or fp16 with unit stride along V. Returns (loss, metrics): loss is an fp32
-    scalar; metrics holds 0-dim means over unmasked tokens of clip_low, clip_high, clip_region, ratio, kl (when
-    beta > 0), entropy (when config.compute_entropy), and the token count.
+    weights for rollout/trainer mismatch (see `truncated_is_weights`).
+    Normalizers, for a step split into micro-batches (and ranks), each the step's total over all of them:
+    num_sequences (grpo, dr_grpo) and num_items (dapo) replace this batch's sequence / token count; num_batches
+    (bnpo) is how many batch losses the step sums. With them the micro-batch losses add up to the step's loss.
+    logits: fp32, bf16 or fp16 with unit stride along V. Returns (loss, metrics): loss is an fp32 scalar; metrics
+    holds 0-dim means over unmasked tokens of clip_low, clip_high, clip_region, ratio, kl (when beta > 0), entropy
+    (when config.compute_entropy), and the token count.
     """
-    batch = make_token_batch(ids, advantages, mask, old_logp, ref_logp, is_weights, config, cu_seqlens, num_items)
+    norms = Normalizers(num_items, num_sequences, num_batches)
+    batch = make_token_batch(ids, advantages, mask, old_logp, ref_logp, is_weights, config, cu_seqlens, norms,
+                             token_advantages)
     rows, flat_ids = as_rows(logits, ids)
+    flat_ids = checked_ids(flat_ids, rows.shape[1], "grpo_loss", keep=batch.live)
     loss, metrics = _GRPOLoss.apply(rows, flat_ids, batch, config, inplace_backward, backend, chunk_bytes)
     return loss, metrics_dict(metrics, config)
 

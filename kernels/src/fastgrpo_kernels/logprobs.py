@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAS_TRITON, check_temperature, resolve_backend, rows_per_chunk
+from ._dispatch import HAS_TRITON, check_temperature, checked_ids, resolve_backend, rows_per_chunk
 
 if HAS_TRITON:
     import triton
@@ -110,11 +110,11 @@ def launch_config(V: int) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The spec: plain PyTorch, materializes fp32 log-softmax.
+# The spec: plain PyTorch, materializes fp32 (fp64 for fp64 logits) log-softmax.
 
 
 def selective_logprobs_reference(logits, ids, temperature=1.0, return_entropy=False):
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
     logp = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
         return logp
@@ -140,12 +140,12 @@ def _torch_forward(logits, ids, inv_temperature, with_entropy, chunk_bytes):
     for start in range(0, N, step):
         rows = slice(start, start + step)
         z = _scaled_chunk(logits[rows], inv_temperature)  # (c, V), fp32
-        logprobs = torch.log_softmax(z, dim=-1)  # (c, V): torch's fused kernel, one buffer
-        logp[rows] = logprobs.gather(1, ids[rows, None]).squeeze(1)
-        # lse from each row's largest logit, whose log-prob is finite even where other entries are -inf
-        lse[rows] = z.amax(1) - logprobs.amax(1)
+        # torch.logsumexp, not log_softmax: on CPU (torch 2.13, fp32) log_softmax's normalizer is off by ~2.5e-5
+        # at V = 151,936 (its sum of exponentials), logsumexp's by ~1e-6; the entropy's gradient inherits the error.
+        lse[rows] = torch.logsumexp(z, dim=-1)
+        logp[rows] = z.gather(1, ids[rows, None]).squeeze(1) - lse[rows]
         if with_entropy:
-            entropy[rows] = torch.special.entr(logprobs.exp_()).sum(-1)
+            entropy[rows] = torch.special.entr(torch.sub(z, lse[rows, None]).exp_()).sum(-1)  # z may be logits
     return logp, lse, entropy
 
 
@@ -154,15 +154,16 @@ def _torch_backward(logits, dlogits, ids, lse, entropy, dlogp, dentropy, inv_tem
     step = rows_per_chunk(N, V * 4 * 2, chunk_bytes, logits.device)
     for start in range(0, N, step):
         rows = slice(start, start + step)
-        p = torch.softmax(_scaled_chunk(logits[rows], inv_temperature), dim=-1)  # (c, V): fused, one buffer
+        # log p from the forward's lse, not torch.softmax: its normalizer has log_softmax's error (see _torch_forward)
+        log_p = torch.sub(_scaled_chunk(logits[rows], inv_temperature), lse[rows, None])  # (c, V)
         g = dlogp[rows, None] * inv_temperature
         if entropy is None:
-            p.mul_(-g)  # d logp / dz = onehot - p
+            p = log_p.exp_().mul_(-g)  # d logp / dz = onehot - p
         else:
-            # d entropy / dz = -p (log p + entropy) = -(xlogy(p, p) + p * entropy)
+            # d entropy / dz = -p (log p + entropy); at -inf logits (p = 0) nan_to_num_ makes the factor finite: 0
             g_entropy = dentropy[rows, None] * inv_temperature
-            plogp = torch.special.xlogy(p, p)
-            p.mul_(-g - g_entropy * entropy[rows, None]).sub_(plogp.mul_(g_entropy))
+            p = log_p.exp()
+            p.mul_(log_p.mul_(-g_entropy).sub_(g + g_entropy * entropy[rows, None]).nan_to_num_(nan=0.0))
         p.scatter_add_(1, ids[rows, None], g)
         dlogits[rows] = p  # casts to the logits dtype; may overwrite logits[rows], already consumed
     return dlogits
@@ -256,7 +257,7 @@ def selective_logprobs(
     """Log-probability of each chosen token, and optionally the entropy of each distribution.
 
     logits: [..., V] (fp32, bf16 or fp16; unit stride along V), e.g. [N, V] or [B, T, V]
-    ids:    [...] integer token ids, same leading shape
+    ids:    [...] integer token ids in [0, V), same leading shape (any other id: ValueError)
     returns logp [...] fp32, or (logp, entropy) both [...] fp32.
 
     inplace_backward=True writes d(logits) into the logits buffer, so training never holds a second [N, V]
@@ -268,6 +269,7 @@ def selective_logprobs(
     """
     lead = ids.shape
     rows, flat_ids = as_rows(logits, ids)
+    flat_ids = checked_ids(flat_ids, rows.shape[1], "selective_logprobs")
     logp, entropy = _SelectiveLogprobs.apply(rows, flat_ids, temperature, return_entropy, inplace_backward,
                                              backend, chunk_bytes)
     if return_entropy:
