@@ -126,8 +126,9 @@ def save_checkpoint(run_dir, step: int, model, tokenizer, optimizer=None, schedu
     except (OSError, SafetensorError, CheckpointException) as e:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # no partial step; frees what it held
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        raise CheckpointError(f"could not write checkpoint {final}: {_first_line(e)}{where}; "
+        cause = _cause(e)
+        where = f" ({cause.filename})" if getattr(cause, "filename", None) else ""
+        raise CheckpointError(f"could not write checkpoint {final}: {_first_line(cause)}{where}; "
                               f"{root / LATEST} and the checkpoints before it are unchanged") from e
     if world_size > 1:
         dist.barrier()  # no rank goes on (and may read `latest`) before the checkpoint is in place
@@ -285,7 +286,7 @@ def _load_sharded_optimizer(path: Path, model, optimizer, rest: dict) -> None:
     try:
         dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / SHARDED)), no_dist=world()[1] == 1)
     except (CheckpointException, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{path / SHARDED} does not match the optimizer: {_first_line(e)}") from e
+        raise CheckpointError(f"{path / SHARDED} does not match the optimizer: {_first_line(_cause(e))}") from e
     state = {name: dict(values) for name, values in rest["state"].items()}
     for key, tensor in flat.items():
         name, _, item = key.rpartition("/")
@@ -444,6 +445,13 @@ def _set_rng_state(rng: dict) -> None:
     # A GPU run's checkpoint may be inspected on a CPU machine: there is no CUDA RNG to restore there.
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The exception itself, or for DCP's CheckpointException the first rank's failure it wraps."""
+    if isinstance(e, CheckpointException) and e.failures:
+        return next(iter(e.failures.values()))[0]
+    return e
 
 
 def _first_line(e: BaseException) -> str:

@@ -5,11 +5,13 @@ import pickle
 import random
 import shlex
 import shutil
+import traceback
 
 import numpy as np
 import pytest
 import torch
 from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
 from transformers import AutoModelForCausalLM
 
 from fastgrpo import checkpoint
@@ -108,12 +110,20 @@ def _no_space_safetensors(*args, **kwargs):  # what safetensors raises when a wr
     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
-@pytest.mark.parametrize("target, fail", [(os, "fsync"), (checkpoint, "save_file")], ids=["fsync", "tensors"])
+def _no_space_on_a_rank(*args, **kwargs):  # what torch.distributed.checkpoint raises on every rank
+    raise CheckpointException("CheckpointException ranks:dict_keys([1])",
+                              {1: (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), traceback.StackSummary())})
+
+
+@pytest.mark.parametrize("target, fail, error", [(os, "fsync", _no_space),
+                                                 (checkpoint, "save_file", _no_space_safetensors),
+                                                 (checkpoint, "save_file", _no_space_on_a_rank)],
+                         ids=["fsync", "tensors", "dcp"])
 def test_full_disk_keeps_previous_checkpoint_names_the_path_and_leaves_no_partial_step(tmp_path, monkeypatch,
-                                                                                       target, fail):
+                                                                                       target, fail, error):
     model = make_model()
     good = save(tmp_path, 1, model, state={"step": 1})
-    monkeypatch.setattr(target, fail, _no_space if target is os else _no_space_safetensors)
+    monkeypatch.setattr(target, fail, error)
     with pytest.raises(CheckpointError) as info:
         save(tmp_path, 2, model, state={"step": 2})
     message = str(info.value)
