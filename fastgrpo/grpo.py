@@ -33,7 +33,7 @@ from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, e
                           packed_hidden_states, reshard, world)
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .metrics import MetricsLogger, Timer, peak_memory_mib
-from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
+from .packing import PackedBatch, PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
 from .precision import autocast, load_causal_lm
 from .rewards import OverlongPenalty, RewardModelReward, compute_rewards, resolve_reward, reward_name
 from .runs import check_model_path, command_line, lock_run_dir
@@ -227,61 +227,95 @@ def score(model, micro_batches, temperature, shape, precision) -> torch.Tensor:
     return out
 
 
-def optimize(model, ref_model, optimizer, rollout: Rollout, advantages, loss_config, cfg: GRPOConfig) -> dict:
-    """num_iterations optimizer updates on one rollout; returns the step's loss metrics.
+@dataclass
+class MicroBatch:
+    """One of this rank's packed micro-batches with everything its updates read, on its n completion-token rows:
+    the sequences' advantages (k,), and the loss mask, old / reference log-probs and IS weights (n,) (None where the
+    step has none)."""
 
-    `rollout` and `advantages` are the whole step's; loss_config: the loss op's (LossConfig.to_kernel). On several ranks each rank trains on its share of the
-    micro-batches, planned over all ranks (tokens balanced, the same count on each); normalizers are the step's
-    totals, gradients are summed over ranks, metrics are token-weighted over all ranks.
-    """
-    L, T = cfg.loss, cfg.generation.temperature
+    packed: PackedBatch
+    rows: torch.Tensor
+    cu_seqlens: torch.Tensor
+    real: bool  # False: a stand-in (sequence 0, weight 0), since every rank runs as many forwards as the others
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+    is_weights: torch.Tensor | None
+
+
+def pack_step(rollout: Rollout, cfg: GRPOConfig, device) -> tuple[list, dict]:
+    """This rank's share of the step's micro-batches, planned over all ranks (tokens balanced, the same count on
+    each): (packed, rows, cu_seqlens, real) each; and the plan's packing stats."""
     rank, world_size = world()
-    device = next(model.parameters()).device
     sequences = [p + c for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
     prompt_lengths = [len(p) for p in rollout.prompt_ids]
     lengths = [len(s) for s in sequences]
-    S, width = len(sequences), max(lengths)
     plans = plan_micro_batches(lengths, cfg.train.micro_batch_tokens, num_ranks=world_size)
-    micro_batches = []  # packed once, used by the old / reference passes and every update
+    micro_batches = []
     for indices in plans[rank]:
         # An empty micro-batch (S < ranks x micro-batches) runs sequence 0 with weight 0: FSDP's gathers and
         # reductions are collectives, so every rank runs the same number of forwards and backwards.
         packed = pack(sequences, indices or [0], prompt_lengths).to(device)
         micro_batches.append((packed, *completion_rows(packed), bool(indices)))
+    return micro_batches, PackingStats.from_plan(lengths, plans).as_dict()
+
+
+def prepare(model, ref_model, rollout: Rollout, advantages, cfg: GRPOConfig) -> tuple[list[MicroBatch], float, dict]:
+    """(this rank's micro-batches, the step's global count of trainable tokens: num_items, packing stats).
+
+    The old / reference / IS passes run here, once per step; with no trainable token (every completion truncated
+    under loss.mask_truncated) they are skipped and the list is empty.
+    """
+    L, T = cfg.loss, cfg.generation.temperature
+    device = next(model.parameters()).device
+    packed, stats = pack_step(rollout, cfg, device)
+    S, width = len(rollout.completion_ids), max(len(p) + len(c) for p, c in zip(rollout.prompt_ids,
+                                                                                 rollout.completion_ids))
     keep_seq = ~rollout.truncated if L.mask_truncated else torch.ones(S, dtype=torch.bool)
     num_items = float(sum(len(c) for c, k in zip(rollout.completion_ids, keep_seq) if k))
-    stats = PackingStats.from_plan(lengths, plans).as_dict()
-    if num_items == 0:  # every completion masked out (all truncated under loss.mask_truncated): no loss, no update
-        return {"nothing_to_train": 1.0, "bad_updates": 0, **stats}
+    if num_items == 0:
+        return [], num_items, stats
     advantages, keep_seq = advantages.to(device), keep_seq.to(device)
     needs_old = cfg.train.num_iterations > 1 or L.tis_cap is not None
-    old_logp = score(model, micro_batches, T, (S, width), autocast(cfg.model, device)) if needs_old else None
-    ref_logp = score(ref_model, micro_batches, T, (S, width), autocast(cfg.model, device)) if L.beta else None
+    old_logp = score(model, packed, T, (S, width), autocast(cfg.model, device)) if needs_old else None
+    ref_logp = score(ref_model, packed, T, (S, width), autocast(cfg.model, device)) if L.beta else None
     is_weights = None
     if L.tis_cap is not None:
         rollout_logp = torch.zeros(S, width)
-        for s, (p, lp) in enumerate(zip(prompt_lengths, rollout.sampling_logp)):
-            rollout_logp[s, p - 1: p - 1 + len(lp)] = torch.tensor(lp)
+        for s, (p, lp) in enumerate(zip(rollout.prompt_ids, rollout.sampling_logp)):
+            rollout_logp[s, len(p) - 1: len(p) - 1 + len(lp)] = torch.tensor(lp)
         is_weights = truncated_is_weights(old_logp, rollout_logp.to(device), cap=L.tis_cap)
+    return [MicroBatch(p, rows, cu_seqlens, real, advantages[p.seq_indices], keep_seq[p.seq_of_token[rows]].float(),
+                       *(None if x is None else p.gather(x)[rows] for x in (old_logp, ref_logp, is_weights)))
+            for p, rows, cu_seqlens, real in packed], num_items, stats
+
+
+def update(model, optimizer, micro_batches: list[MicroBatch], loss_config, num_items: float, S: int,
+           cfg: GRPOConfig) -> dict:
+    """num_iterations optimizer updates over the micro-batches; returns the step's loss metrics.
+
+    Normalizers are the step's totals (num_items tokens, S sequences), gradients are summed over ranks, metrics are
+    token-weighted over all ranks.
+    """
+    device = next(model.parameters()).device
     head = model.get_output_embeddings()
     totals, tokens, bad = {}, 0.0, 0
     for _ in range(cfg.train.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        for packed, rows, cu_seqlens, real in micro_batches:
-            pick = lambda per_seq: None if per_seq is None else packed.gather(per_seq)[rows]  # noqa: E731
+        for mb in micro_batches:
             with autocast(cfg.model, device):
-                hidden = packed_hidden_states(model, packed)  # (N, H)
+                hidden = packed_hidden_states(model, mb.packed)  # (N, H)
                 loss, metrics = fused_linear_grpo_loss(
-                    hidden[rows], head.weight, packed.targets[rows], advantages[packed.seq_indices],
-                    keep_seq[packed.seq_of_token[rows]].float(), pick(old_logp), pick(ref_logp), loss_config,
-                    is_weights=pick(is_weights), cu_seqlens=cu_seqlens, num_items=num_items)
-            if L.loss_type in ("grpo", "dr_grpo"):
+                    hidden[mb.rows], head.weight, mb.packed.targets[mb.rows], mb.advantages, mb.mask, mb.old_logp,
+                    mb.ref_logp, loss_config, is_weights=mb.is_weights, cu_seqlens=mb.cu_seqlens, num_items=num_items)
+            if cfg.loss.loss_type in ("grpo", "dr_grpo"):
                 # these normalize by the number of sequences: a micro-batch holds k of the step's S
-                loss = loss * (len(packed.seq_indices) / S)
-            if not real:
+                loss = loss * (len(mb.packed.seq_indices) / S)
+            if not mb.real:
                 loss = loss * 0.0
             packed_backward(model, loss)
-            n = float(metrics["tokens"]) if real else 0.0
+            n = float(metrics["tokens"]) if mb.real else 0.0
             for k, v in metrics.items():
                 if k != "tokens":
                     totals[k] = totals.get(k, 0.0) + float(v) * n
@@ -298,7 +332,21 @@ def optimize(model, ref_model, optimizer, rollout: Rollout, advantages, loss_con
     names = list(totals)  # the same order on every rank: the loss's own
     summed = all_reduce_sum(torch.tensor([totals[k] for k in names] + [tokens], dtype=torch.float64)).tolist()
     return {**{f"loss/{k}": v / max(summed[-1], 1.0) for k, v in zip(names, summed)}, "grad_norm": float(grad_norm),
-            "bad_updates": bad, "nothing_to_train": 0.0, **stats}
+            "bad_updates": bad}
+
+
+def optimize(model, ref_model, optimizer, rollout: Rollout, advantages, loss_config, cfg: GRPOConfig) -> dict:
+    """One step's training on its rollout: prepare, then num_iterations updates; returns the step's loss metrics.
+
+    `rollout` and `advantages` are the whole step's; loss_config is the loss op's (LossConfig.to_kernel). On several
+    ranks each rank trains on its share of the micro-batches.
+    """
+    micro_batches, num_items, stats = prepare(model, ref_model, rollout, advantages, cfg)
+    if num_items == 0:  # nothing to train: no loss, no update
+        return {"nothing_to_train": 1.0, "bad_updates": 0, **stats}
+    S = len(rollout.completion_ids)
+    return {**update(model, optimizer, micro_batches, loss_config, num_items, S, cfg), "nothing_to_train": 0.0,
+            **stats}
 
 
 # ----------------------------------------------------------------------------------------------------------
