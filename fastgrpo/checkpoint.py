@@ -98,8 +98,8 @@ def save_checkpoint(run_dir, step: int, model, tokenizer, optimizer=None, schedu
         raise ValueError(f"keep_last must be >= 1 or None (keep all), got {keep_last}")
     tensors = {}
     trainer_state = {"format": FORMAT, "state": _encode(dict(state or {}), tensors, "state"),
-                     "scheduler": _encode(scheduler.state_dict(), tensors, "scheduler") if scheduler else None,
-                     "rng": _encode(_get_rng_state(), tensors, "rng")}
+                     "scheduler": None if scheduler is None else _encode(scheduler.state_dict(), tensors, "scheduler"),
+                     "rng": _encode(_get_rng_state(), tensors, "rng"), "optimizer": None}
     rank, world_size = world()
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
@@ -113,9 +113,9 @@ def save_checkpoint(run_dir, step: int, model, tokenizer, optimizer=None, schedu
             (tmp / TRAINER).mkdir(parents=True)  # the sharded save writes into it
         if world_size == 1:
             model.save_pretrained(tmp)
-            trainer_state["optimizer"] = ({"sharded": False, "state_dict": _encode(optimizer.state_dict(), tensors,
-                                                                                     "optimizer")}
-                                          if optimizer else None)
+            if optimizer is not None:
+                trainer_state["optimizer"] = {"sharded": False,
+                                              "state_dict": _encode(optimizer.state_dict(), tensors, "optimizer")}
         else:
             dist.barrier()  # tmp exists before any rank writes its shards into it
             trainer_state["optimizer"] = _save_sharded(tmp, model, optimizer, tensors)
@@ -140,12 +140,12 @@ def _save_sharded(tmp: Path, model, optimizer, tensors: dict) -> dict | None:
     weights. Returns the optimizer's non-tensor part, encoded (its tensors go to `tensors`), for state.json."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
 
     encoded = None
     if optimizer is not None:
-        _, optimizer_state = get_state_dict(model, optimizer)
-        flat, rest = _split_optimizer_state(optimizer_state)
+        flat, rest = _split_optimizer_state(get_optimizer_state_dict(model, optimizer))
         dcp.save(flat, storage_writer=HuggingFaceStorageWriter(tmp / SHARDED, save_distributed=True))
         encoded = {"sharded": True, "state_dict": _encode(rest, tensors, "optimizer")}
     # Gathered into rank 0's CPU memory (the other ranks get nothing): one full copy of the weights, once per save.
@@ -273,7 +273,7 @@ def _load_sharded_optimizer(path: Path, model, optimizer, rest: dict) -> None:
     """DCP: each rank reads the pieces of its own optimizer slices, whatever the number of ranks that saved them."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     files = sorted((path / SHARDED).glob("*.safetensors"))
     if not files:
@@ -281,8 +281,8 @@ def _load_sharded_optimizer(path: Path, model, optimizer, rest: dict) -> None:
     for file in files:  # a truncated or corrupt shard is named here, not deep inside DCP
         with _open_safetensors(file):
             pass
-    _, target = get_state_dict(model, optimizer)  # this rank's slices, keyed by name (initialized if still empty)
-    flat, _ = _split_optimizer_state(target)
+    # this rank's slices, keyed by name (a fresh optimizer's state is initialized first)
+    flat, _ = _split_optimizer_state(get_optimizer_state_dict(model, optimizer))
     try:
         dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / SHARDED)), no_dist=world()[1] == 1)
     except (CheckpointException, RuntimeError, KeyError) as e:
