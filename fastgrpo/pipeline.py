@@ -178,9 +178,11 @@ def run_module(module: str, config, yaml_path: Path, log_path: Path, threads: in
     earlier = earlier["processes"] if earlier else []
     t0 = time.time()
 
-    def save_seconds():
+    def save_seconds() -> list[float]:
+        processes = [*earlier, time.time() - t0]
         if seconds_path:
-            write_atomic(seconds_path, json.dumps({"processes": [*earlier, time.time() - t0]}))
+            write_atomic(seconds_path, json.dumps({"processes": processes}))
+        return processes
 
     with open(log_path, "a") as log:
         proc = start_child(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -188,12 +190,12 @@ def run_module(module: str, config, yaml_path: Path, log_path: Path, threads: in
             code = wait(proc, save_seconds)
         finally:
             stop_child(proc)  # when this process is stopped by an exception (Ctrl-C): the stage stops too
-    save_seconds()
+    processes = save_seconds()
     if code != 0:
         tail = log_path.read_text().strip().splitlines()[-1:] or [""]
         raise RunError(f"{module} failed (exit {code}): {tail[0]} -- full log: {log_path}; rerun the pipeline "
                        f"to resume")
-    return [*earlier, time.time() - t0]
+    return processes
 
 
 def wait(proc: subprocess.Popen, every_tick) -> int:

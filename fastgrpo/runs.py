@@ -5,7 +5,7 @@ processes that die with their parent, and bad input reported in one line.
     write_atomic(path, text)              # DONE.json, eval JSON: a reader sees the old file or the new, never half
     read_record(path, then)               # a JSON record; None, with a warning, when missing, empty or corrupt
     check_model_path(path, "model.path")  # a local path that does not exist fails now, not after the hub's retries
-    proc = start_child(command, ...)      # dies when this process dies, however it dies; stop_child(proc) on the way out
+    proc = start_child(command, ...)      # dies when this process dies, however it dies; stop_child(proc) to stop
 
     if __name__ == "__main__":
         command_line(main)                # bad input: `error: <one line>` on stderr, exit 2; FASTGRPO_DEBUG=1 re-raises
