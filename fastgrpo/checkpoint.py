@@ -504,10 +504,15 @@ def upgrade_pickled_checkpoint(path) -> Path:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "upgrade":
-        print("usage: python -m fastgrpo.checkpoint upgrade CHECKPOINT   (a checkpoint of format 1 that you trust)")
+        print("usage: python -m fastgrpo.checkpoint upgrade CHECKPOINT   (a checkpoint of format 1 that you trust)",
+              file=sys.stderr)
         raise SystemExit(2)
     print(f"{upgrade_pickled_checkpoint(argv[1])}: upgraded to format {FORMAT}")
 
 
 if __name__ == "__main__":
-    main()
+    # This file runs as __main__: the error classes command_line catches are those of the imported module
+    from fastgrpo.checkpoint import main as checkpoint_main
+    from fastgrpo.runs import command_line
+
+    command_line(checkpoint_main)

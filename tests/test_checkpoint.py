@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from fastgrpo import checkpoint
 from fastgrpo.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_model_weights_,
                                  save_checkpoint)
+from fastgrpo.runs import command_line
 from fastgrpo.tiny import char_tokenizer, tiny_config
 
 
@@ -195,6 +196,11 @@ def test_a_trusted_checkpoint_of_format_1_upgrades_in_place(tmp_path, trained, s
     with pytest.raises(CheckpointError, match=f"python -m fastgrpo.checkpoint upgrade {path}$"):
         load_checkpoint(path)
 
+    capsys.readouterr()  # the save's progress bars
+    with pytest.raises(SystemExit) as exit_:  # as `python -m fastgrpo.checkpoint upgrade` ends on bad input
+        command_line(lambda: checkpoint.main(["upgrade", str(path.parent)]))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: {path.parent} has no trainer_state.pt: not a checkpoint of format 1\n"
     checkpoint.main(["upgrade", str(path)])
     assert capsys.readouterr().out == f"{path}: upgraded to format 2\n"
     assert sorted(p.name for p in path.iterdir() if not p.is_file()) == ["trainer"]  # no sharded/, no temporary
