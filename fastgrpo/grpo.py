@@ -36,7 +36,7 @@ from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .packing import PackedBatch, PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
 from .precision import autocast, load_causal_lm
 from .rewards import OverlongPenalty, RewardModelReward, compute_rewards, resolve_reward, reward_name
-from .runs import check_model_path, command_line, lock_run_dir
+from .runs import RunError, check_model_path, command_line, lock_run_dir
 
 # ----------------------------------------------------------------------------------------------------------
 # Init
@@ -244,9 +244,9 @@ class MicroBatch:
     is_weights: torch.Tensor | None
 
 
-def pack_step(rollout: Rollout, cfg: GRPOConfig, device) -> tuple[list, dict]:
+def pack_step(rollout: Rollout, cfg: GRPOConfig, device) -> tuple[list, int, dict]:
     """This rank's share of the step's micro-batches, planned over all ranks (tokens balanced, the same count on
-    each): (packed, rows, cu_seqlens, real) each; and the plan's packing stats."""
+    each): (packed, rows, cu_seqlens, real) each; the number of real micro-batches over all ranks; packing stats."""
     rank, world_size = world()
     sequences = [p + c for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
     prompt_lengths = [len(p) for p in rollout.prompt_ids]
@@ -258,24 +258,28 @@ def pack_step(rollout: Rollout, cfg: GRPOConfig, device) -> tuple[list, dict]:
         # reductions are collectives, so every rank runs the same number of forwards and backwards.
         packed = pack(sequences, indices or [0], prompt_lengths).to(device)
         micro_batches.append((packed, *completion_rows(packed), bool(indices)))
-    return micro_batches, PackingStats.from_plan(lengths, plans).as_dict()
+    num_batches = sum(1 for rank_plan in plans for indices in rank_plan if indices)
+    return micro_batches, num_batches, PackingStats.from_plan(lengths, plans).as_dict()
 
 
-def prepare(model, ref_model, rollout: Rollout, advantages, cfg: GRPOConfig) -> tuple[list[MicroBatch], float, dict]:
-    """(this rank's micro-batches, the step's global count of trainable tokens: num_items, packing stats).
+def prepare(model, ref_model, rollout: Rollout, advantages, cfg: GRPOConfig) -> tuple[list[MicroBatch], dict, dict]:
+    """(this rank's micro-batches, the loss's normalizers, packing stats).
 
-    The old / reference / IS passes run here, once per step; with no trainable token (every completion truncated
-    under loss.mask_truncated) they are skipped and the list is empty.
+    The normalizers are the step's global counts, for the loss op: num_items trainable tokens (dapo), num_sequences
+    (grpo, dr_grpo), num_batches real micro-batches (bnpo); with them the micro-batch losses of all ranks add up to
+    the step's loss. The old / reference / IS passes run here, once per step; with no trainable token (every
+    completion truncated under loss.mask_truncated) they are skipped and the list is empty.
     """
     L, T = cfg.loss, cfg.generation.temperature
     device = next(model.parameters()).device
-    packed, stats = pack_step(rollout, cfg, device)
+    packed, num_batches, stats = pack_step(rollout, cfg, device)
     S, width = len(rollout.completion_ids), max(len(p) + len(c) for p, c in zip(rollout.prompt_ids,
                                                                                  rollout.completion_ids))
     keep_seq = ~rollout.truncated if L.mask_truncated else torch.ones(S, dtype=torch.bool)
     num_items = float(sum(len(c) for c, k in zip(rollout.completion_ids, keep_seq) if k))
+    norms = {"num_items": num_items, "num_sequences": float(S), "num_batches": num_batches}
     if num_items == 0:
-        return [], num_items, stats
+        return [], norms, stats
     advantages, keep_seq = advantages.to(device), keep_seq.to(device)
     needs_old = cfg.train.num_iterations > 1 or L.tis_cap is not None
     old_logp = score(model, packed, T, (S, width), autocast(cfg.model, device)) if needs_old else None
@@ -288,15 +292,14 @@ def prepare(model, ref_model, rollout: Rollout, advantages, cfg: GRPOConfig) -> 
         is_weights = truncated_is_weights(old_logp, rollout_logp.to(device), cap=L.tis_cap)
     return [MicroBatch(p, rows, cu_seqlens, real, advantages[p.seq_indices], keep_seq[p.seq_of_token[rows]].float(),
                        *(None if x is None else p.gather(x)[rows] for x in (old_logp, ref_logp, is_weights)))
-            for p, rows, cu_seqlens, real in packed], num_items, stats
+            for p, rows, cu_seqlens, real in packed], norms, stats
 
 
-def update(model, optimizer, micro_batches: list[MicroBatch], loss_config, num_items: float, S: int,
-           cfg: GRPOConfig) -> dict:
+def update(model, optimizer, micro_batches: list[MicroBatch], loss_config, norms: dict, cfg: GRPOConfig) -> dict:
     """num_iterations optimizer updates over the micro-batches; returns the step's loss metrics.
 
-    Normalizers are the step's totals (num_items tokens, S sequences), gradients are summed over ranks, metrics are
-    token-weighted over all ranks.
+    norms: the step's normalizers (prepare), passed to the loss op as they are; gradients are summed over ranks,
+    metrics are token-weighted over all ranks.
     """
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
@@ -308,10 +311,7 @@ def update(model, optimizer, micro_batches: list[MicroBatch], loss_config, num_i
                 hidden = packed_hidden_states(model, mb.packed)  # (N, H)
                 loss, metrics = fused_linear_grpo_loss(
                     hidden[mb.rows], head.weight, mb.packed.targets[mb.rows], mb.advantages, mb.mask, mb.old_logp,
-                    mb.ref_logp, loss_config, is_weights=mb.is_weights, cu_seqlens=mb.cu_seqlens, num_items=num_items)
-            if cfg.loss.loss_type in ("grpo", "dr_grpo"):
-                # these normalize by the number of sequences: a micro-batch holds k of the step's S
-                loss = loss * (len(mb.packed.seq_indices) / S)
+                    mb.ref_logp, loss_config, is_weights=mb.is_weights, cu_seqlens=mb.cu_seqlens, **norms)
             if not mb.real:
                 loss = loss * 0.0
             packed_backward(model, loss)
@@ -341,12 +341,10 @@ def optimize(model, ref_model, optimizer, rollout: Rollout, advantages, loss_con
     `rollout` and `advantages` are the whole step's; loss_config is the loss op's (LossConfig.to_kernel). On several
     ranks each rank trains on its share of the micro-batches.
     """
-    micro_batches, num_items, stats = prepare(model, ref_model, rollout, advantages, cfg)
-    if num_items == 0:  # nothing to train: no loss, no update
+    micro_batches, norms, stats = prepare(model, ref_model, rollout, advantages, cfg)
+    if norms["num_items"] == 0:  # nothing to train: no loss, no update
         return {"nothing_to_train": 1.0, "bad_updates": 0, **stats}
-    S = len(rollout.completion_ids)
-    return {**update(model, optimizer, micro_batches, loss_config, num_items, S, cfg), "nothing_to_train": 0.0,
-            **stats}
+    return {**update(model, optimizer, micro_batches, loss_config, norms, cfg), "nothing_to_train": 0.0, **stats}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -367,13 +365,14 @@ def make_sampler(cfg: GRPOConfig, tokenizer) -> PromptSampler:
 
 
 def check_trained(history: list[dict], bad_steps: int, cfg: GRPOConfig, run_dir: Path) -> None:
-    """Raise unless the run ends on a good, saved step and some step of it updated the weights."""
+    """Raise RunError (one line, exit code 2 on the command line) unless the run ends on a good, saved step and some
+    step of it updated the weights."""
     if bad_steps:
-        raise RuntimeError(f"the run's last {bad_steps} step(s) had non-finite gradients, so its final state was not "
+        raise RunError(f"the run's last {bad_steps} step(s) had non-finite gradients, so its final state was not "
                            f"saved; the last good checkpoint is {latest_checkpoint(run_dir)}")
     updated = [h for h in history if not h["nothing_to_train"] and h["bad_updates"] < cfg.train.num_iterations]
     if history and not updated:
-        raise RuntimeError(f"no step of the run in {run_dir} updated the weights: every step had non-finite gradients "
+        raise RunError(f"no step of the run in {run_dir} updated the weights: every step had non-finite gradients "
                            f"or no trainable token")
 
 
@@ -476,7 +475,7 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
         if bad_steps >= cfg.train.max_bad_steps:
             if logger is not None:
                 logger.close()
-            raise RuntimeError(f"stopping: {bad_steps} consecutive steps with non-finite gradients; the last good "
+            raise RunError(f"stopping: {bad_steps} consecutive steps with non-finite gradients; the last good "
                                f"checkpoint is {latest_checkpoint(run_dir)}")
     if logger is not None:
         logger.close()

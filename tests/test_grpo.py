@@ -163,6 +163,7 @@ def test_a_step_with_no_trainable_token_trains_nothing(model_path, tmp_path, mon
 
 def test_a_run_that_trains_nothing_fails(model_path, tmp_path, monkeypatch):
     import fastgrpo.grpo as grpo
+    from fastgrpo.runs import RunError
 
     def nan_loss(*args, **kwargs):
         loss, metrics = fused(*args, **kwargs)
@@ -170,13 +171,13 @@ def test_a_run_that_trains_nothing_fails(model_path, tmp_path, monkeypatch):
 
     fused = grpo.fused_linear_grpo_loss
     monkeypatch.setattr(grpo, "fused_linear_grpo_loss", nan_loss)
-    with pytest.raises(RuntimeError, match=r"last 2 step\(s\) had non-finite gradients, so its final state was not "
+    with pytest.raises(RunError, match=r"last 2 step\(s\) had non-finite gradients, so its final state was not "
                                            r"saved; the last good checkpoint is None"):
         train(make_cfg(model_path, tmp_path / "nan", "train.steps=2"), reward_funcs=[sevens])
     monkeypatch.undo()
     # every completion runs to the length limit and is masked out: not one token to train on
     cfg = make_cfg(model_path, tmp_path / "masked", "generation.ignore_eos=true", "loss.mask_truncated=true")
-    with pytest.raises(RuntimeError, match="no step of the run .* updated the weights"):
+    with pytest.raises(RunError, match="no step of the run .* updated the weights"):
         train(cfg, reward_funcs=[sevens])
 
 
@@ -224,3 +225,27 @@ def test_prompt_order_follows_the_train_seed(model_path):
     first = lambda seed: [make_sampler(make_cfg(model_path, "unused", f"train.seed={seed}"), tokenizer).next()[0]  # noqa: E731
                           for _ in range(1)]
     assert first(1) == first(1) and first(0) != first(1)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+def test_the_step_gradient_does_not_depend_on_micro_batching(model_path, loss_type):
+    """The normalizers are the step's (the loss op's arguments): S identical sequences give the same gradient in one
+    micro-batch as one per micro-batch. (bnpo averages its micro-batches' means, TRL's way: equal here.)"""
+    from transformers import AutoModelForCausalLM
+
+    from fastgrpo.grpo import Rollout, optimize
+
+    S, prompt, completion = 6, [1, 10, 11], [20, 21, 22, 23]
+    rollout = Rollout([prompt] * S, [completion] * S, [[-1.0] * len(completion)] * S, torch.zeros(S, dtype=torch.bool),
+                      torch.zeros(S), torch.zeros(S, 1))
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    norms = []
+    for budget in (64, len(prompt) + len(completion)):  # one micro-batch; one per sequence
+        cfg = make_cfg(model_path, "unused", f"loss.loss_type={loss_type}", f"train.micro_batch_tokens={budget}",
+                       "train.max_grad_norm=1e9")
+        loss_config = cfg.loss.to_kernel(cfg.generation.temperature, cfg.generation.max_completion_length)
+        step = optimize(model, None, optimizer, rollout, torch.ones(S), loss_config, cfg)
+        norms.append((step["packing/num_micro_batches"], step["grad_norm"]))
+    assert [n for n, _ in norms] == [1, S]
+    assert norms[1][1] == pytest.approx(norms[0][1], rel=1e-5)
