@@ -28,7 +28,7 @@ from .distributed import (all_reduce_sum, clip_grad_norm_, end_worker, init_dist
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
 from .precision import autocast, load_causal_lm
-from .runs import check_model_path, command_line, lock_run_dir
+from .runs import RunError, check_model_path, command_line, lock_run_dir
 
 
 # What a resumed run may change (applied from its next step); a change of any other key is refused: the
@@ -179,6 +179,8 @@ def train(cfg: SFTConfig) -> list[dict]:
                             state={"step": step + 1, "history": history}, keep_last=cfg.log.keep_last)
     if logger is not None:
         logger.close()
+    if history and all(h["skipped_update"] for h in history):
+        raise RunError(f"no step of the run in {run_dir} updated the weights: every step had non-finite gradients")
     return history
 
 

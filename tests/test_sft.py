@@ -73,3 +73,13 @@ def test_jsonl_and_bad_input(model_path, tmp_path):
         train(make_cfg(model_path, tmp_path / "bad", f"data.source={path}", "data.prompt_column=q"))
     with pytest.raises(ValueError, match="fits data.max_length=3"):
         train(make_cfg(model_path, tmp_path / "short", "data.max_length=3"))
+
+
+def test_a_run_whose_every_step_is_non_finite_fails(model_path, tmp_path, monkeypatch):
+    import fastgrpo.sft as sft
+    from fastgrpo.runs import RunError
+
+    fused = sft.fused_linear_cross_entropy
+    monkeypatch.setattr(sft, "fused_linear_cross_entropy", lambda *a, **k: fused(*a, **k) * float("nan"))
+    with pytest.raises(RunError, match="no step of the run .* updated the weights: every step had non-finite"):
+        train(make_cfg(model_path, tmp_path, "train.steps=2"))
