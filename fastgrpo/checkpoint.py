@@ -62,7 +62,9 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
+# DTensor's own helper (DCP uses it too): which slice of the full tensor this rank holds
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .distributed import world
 
@@ -306,8 +308,8 @@ def load_model_weights_(model: torch.nn.Module, path) -> None:
     """Copy the safetensors weights in `path` into `model`'s existing tensors; every name and shape must match.
 
     Tensors are read one at a time, so no second copy of the model is held. Tied weights (an LM head sharing the
-    embedding) are saved once under one name and count as loaded under all of theirs. An FSDP2-sharded model takes
-    its own shard of each tensor (every rank reads the file).
+    embedding) are saved once under one name and count as loaded under all of theirs. An FSDP2-sharded model's
+    ranks each read only their own slice of each tensor from the file.
     """
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
@@ -320,14 +322,17 @@ def load_model_weights_(model: torch.nn.Module, path) -> None:
             for name in f.keys():
                 if name not in targets:
                     raise CheckpointError(f"{file}: tensor {name} has no counterpart in the model")
-                tensor, target = f.get_tensor(name), targets[name]
-                if tensor.shape != target.shape:
-                    raise CheckpointError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, "
+                target, shape = targets[name], tuple(f.get_slice(name).get_shape())
+                if shape != tuple(target.shape):
+                    raise CheckpointError(f"{file}: tensor {name} has shape {shape}, "
                                           f"the model's has {tuple(target.shape)}")
-                if isinstance(target, DTensor):  # src_data_rank=None: slice locally, no communication
-                    tensor = distribute_tensor(tensor.to(target.device), target.device_mesh, target.placements,
-                                               src_data_rank=None)
-                target.copy_(tensor)
+                if isinstance(target, DTensor):
+                    local_shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh,
+                                                                                target.placements)
+                    rows = tuple(slice(o, o + n) for o, n in zip(offset, local_shape))
+                    target.to_local().copy_(f.get_slice(name)[rows])
+                else:
+                    target.copy_(f.get_tensor(name))
                 loaded.add(_address(target))
     missing = [name for name, target in targets.items() if _address(target) not in loaded]
     if missing:
