@@ -22,7 +22,9 @@ code-execution holes of its own (CVE-2025-32434, torch < 2.6; CVE-2026-24747, to
 holds a pickle (trainer_state.pt, or sharded/.metadata, which torch.distributed.checkpoint's default FileSystemReader
 unpickles) is refused with one line naming the file, before anything is read; one you trust (your own run's) is
 rewritten in this format, in place, by `python -m fastgrpo.checkpoint upgrade CHECKPOINT`, which does unpickle.
-vLLM loads every top-level *.safetensors file as weights: hence the trainer/ directory.
+vLLM loads every top-level *.safetensors file as weights: hence the trainer/ directory. Outside this module,
+from_pretrained(step directory) runs code from the folder only under trust_remote_code, and would fall back to
+torch.load(weights_only=True) on a pytorch_model.bin if a received folder held one instead of model.safetensors.
 
 Under torchrun (several ranks, FSDP2) the optimizer state is saved sharded: each rank writes its slices of the
 optimizer tensors to trainer/sharded/ with torch.distributed.checkpoint (DCP) and its HuggingFaceStorageWriter, one
