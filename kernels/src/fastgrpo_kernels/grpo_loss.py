@@ -175,9 +175,11 @@ def _flat(x, name, n):
     return x.float()
 
 
-def _count(value, local, device):
-    """A normalizer as an fp32 scalar, at least 1: an empty batch (nothing to train) gives a loss of 0, not NaN."""
-    return torch.as_tensor(local if value is None else value, dtype=torch.float32, device=device).clamp(min=1)
+def _count(value, local):
+    """A normalizer (this batch's `local` count where value is None), at least 1: an empty batch (nothing to train)
+    gives a loss of 0, not NaN. Tensors stay tensors (no host sync), numbers stay numbers."""
+    value = local if value is None else value
+    return value.float().clamp(min=1) if torch.is_tensor(value) else max(float(value), 1.0)
 
 
 def _sequences(ids, cu_seqlens):
@@ -229,13 +231,13 @@ def make_token_batch(ids, advantages, mask=None, old_logp=None, ref_logp=None, i
     adv = torch.where(live, _token_advantages(advantages, token_advantages, B, seq_idx, n), 0.0)
     seq_len = torch.zeros(B, device=device).index_add_(0, seq_idx, mask)
     if config.loss_type == "grpo":
-        weights = mask / (seq_len.clamp(min=1)[seq_idx] * _count(norms.num_sequences, B, device))
+        weights = mask / (seq_len.clamp(min=1)[seq_idx] * _count(norms.num_sequences, B))
     elif config.loss_type == "bnpo":
         weights = mask / (mask.sum().clamp(min=1) * norms.num_batches)
     elif config.loss_type == "dapo":
-        weights = mask / _count(norms.num_items, mask.sum(), device)
+        weights = mask / _count(norms.num_items, mask.sum())
     else:
-        weights = mask / (_count(norms.num_sequences, B, device) * (config.max_completion_length or T))
+        weights = mask / (_count(norms.num_sequences, B) * (config.max_completion_length or T))
     return TokenBatch(masked(old_logp, "old_logp"), masked(ref_logp, "ref_logp"), adv, masked(is_weights, "is_weights"),
                       mask, live, weights, seq_idx, seq_len)
 
