@@ -3,9 +3,10 @@
     python bench/bench_load.py [--model qwen2-180m] [--ranks 2,4,8] [--out bench/LOAD.md]
 
 Two ways, fp32 weights from a checkpoint saved in bf16 and from one saved in fp32:
-- direct: every rank calls from_pretrained in the weights' dtype, then shards (what fastgrpo did before
-  `distributed.load_sharded`; a bf16 checkpoint is converted into a full fp32 copy on every rank);
-- load_sharded: every rank maps the checkpoint in its own dtype, shards, and casts its shards.
+- direct: every rank calls from_pretrained in the weights' dtype, then shards (what fastgrpo did before it cast
+  after sharding; a bf16 checkpoint is converted into a full fp32 copy on every rank);
+- load_sharded: every rank maps the checkpoint in its own dtype, shards, and casts its shards (fastgrpo's
+  `models.load_model`, which the trainers load with).
 Each (way, checkpoint, N) is one torchrun, run one after another in this invocation. The peak RSS includes the
 imports of torch and transformers (the `imports` column), which any rank pays.
 
@@ -33,15 +34,16 @@ WAYS = ("direct", "load_sharded")
 def worker(way: str, model_dir: str):
     from transformers import AutoModelForCausalLM
 
-    from fastgrpo.distributed import all_gather_objects, end_worker, init_distributed, load_sharded, shard_model
+    from fastgrpo.config import ModelConfig
+    from fastgrpo.distributed import all_gather_objects, end_worker, init_distributed, shard_model
+    from fastgrpo.models import load_model
 
     device = init_distributed()
     imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    load = lambda dtype: AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)  # noqa: E731
     if way == "direct":
-        model = shard_model(load(torch.float32)).to(device)
+        model = shard_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)).to(device)
     else:
-        model = load_sharded(load, device, torch.float32)
+        model = load_model(ModelConfig(path=model_dir), trainable=True, device=device)  # fp32 weights
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     peaks = all_gather_objects((imports, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     if int(os.environ["RANK"]) == 0:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -82,7 +82,7 @@ def shard_model(model: torch.nn.Module, dtype: torch.dtype | None = None,
     dtype: what the forward and backward compute in. Narrower than the parameters (bf16 from fp32 weights, see
     fastgrpo/precision.py), FSDP gathers the weights in it and reduces the gradients in fp32; None, or the
     parameters' own dtype, computes in theirs. param_dtype: what the parameters will hold once cast after sharding
-    (`load_sharded`); by default, what they hold now. A no-op on a single rank (an in-process vLLM engine sets up a
+    (`models.load_model`); by default, what they hold now. A no-op on a single rank (an in-process vLLM engine sets up a
     one-rank process group of its own: that is not data parallelism).
 
     The root (embeddings, final norm, LM head) keeps its parameters gathered from its forward to the end of the
@@ -110,26 +110,6 @@ def shard_model(model: torch.nn.Module, dtype: torch.dtype | None = None,
     # (synced_gpus), since each forward of a sharded model is a collective.
     model._is_fsdp_managed_module = True
     return model
-
-
-def load_sharded(load: Callable[[torch.dtype | str], torch.nn.Module], device: torch.device, param_dtype: torch.dtype,
-                 dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A pretrained model with weights in `param_dtype`, sharded over the ranks (`shard_model`, computing in `dtype`),
-    on `device`. load(weights_dtype) returns the model (`precision.load_causal_lm` passes `load_pretrained`).
-
-    On several ranks every rank loads the checkpoint in its own dtype ("auto"): transformers then memory-maps the
-    safetensors files rather than copying them, so sharding copies only this rank's slice (the file's pages are
-    shared by the ranks of a node), and the cast to param_dtype comes after sharding, on the slice. Loading in
-    param_dtype would give every rank a full converted copy first: with the usual bf16 checkpoint and fp32 weights,
-    8 ranks of a 7B model would hold 8 x 28 GB of host memory. Buffers keep their dtype (the rotary frequencies
-    stay fp32). In a single process: load(param_dtype), moved to `device`.
-    """
-    if world()[1] == 1:
-        return load(param_dtype).to(device)
-    model = shard_model(load("auto"), dtype, param_dtype)
-    # Parameters only: nn.Module._apply hands fn the Parameter objects, and the buffers as plain tensors.
-    model._apply(lambda t: t.to(param_dtype) if isinstance(t, torch.nn.Parameter) else t)
-    return model.to(device)
 
 
 def reshard(model: torch.nn.Module) -> None:

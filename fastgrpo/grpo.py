@@ -33,8 +33,9 @@ from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, e
                           packed_hidden_states, reshard, world)
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .metrics import MetricsLogger, Timer, peak_memory_mib
+from .models import load_model
 from .packing import PackedBatch, PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
-from .precision import autocast, load_causal_lm
+from .precision import autocast
 from .rewards import OverlongPenalty, RewardModelReward, compute_rewards, resolve_reward, reward_name
 from .runs import RunError, check_model_path, command_line, lock_run_dir
 
@@ -417,8 +418,8 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
     write_run_config(run_dir, cfg, checkpoint is not None, MAY_CHANGE, write=rank == 0)
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_causal_lm(cfg.model, trainable=True, device=device)
-    ref_model = load_causal_lm(cfg.model, trainable=False, device=device) if cfg.loss.beta else None
+    model = load_model(cfg.model, trainable=True, device=device)
+    ref_model = load_model(cfg.model, trainable=False, device=device) if cfg.loss.beta else None
     funcs, weights = make_rewards(cfg, reward_funcs, device)
     reward_names = [reward_name(f) for f in funcs]
     judge = dynamic_sampling_column(cfg, reward_names)

@@ -11,9 +11,9 @@ runs the matmuls in `model.dtype`:
 
 Under FSDP the cast is FSDP's (`distributed.shard_model`'s MixedPrecisionPolicy); in a single process it is
 torch.autocast (`autocast`), which the fused-linear ops of fastgrpo_kernels follow. Frozen models (the reference,
-a reward model that only scores) are loaded in `model.dtype`: nothing updates them. vLLM samples in
-`model.dtype` from weights of its own, into which each step casts the trainer's (generation.sync=auto picks copy):
-fp32 storage cannot be shared with a bf16 engine.
+a reward model that only scores) are stored in `model.dtype`: nothing updates them (`weights_dtype` says which;
+fastgrpo/models.py loads each model in it). vLLM samples in `model.dtype` from weights of its own, into which each
+step casts the trainer's (generation.sync=auto picks copy): fp32 storage cannot be shared with a bf16 engine.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelConfig, check_precision
-from .distributed import load_sharded, world
+from .distributed import world
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -30,30 +30,6 @@ def weights_dtype(cfg: ModelConfig, trainable: bool) -> torch.dtype:
     """What a model's weights are stored in: param_dtype (trainable) or dtype (frozen)."""
     check_precision(cfg)
     return DTYPES[cfg.param_dtype if trainable else cfg.dtype]
-
-
-def load_pretrained(auto_class, path, cfg: ModelConfig, trainable: bool, dtype: torch.dtype | str | None = None,
-                    **kwargs):
-    """`auto_class.from_pretrained` in `weights_dtype` (or `dtype`; "auto": the checkpoint's own, which
-    memory-maps safetensors instead of copying them)."""
-    dtype = dtype or weights_dtype(cfg, trainable)
-    return auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
-
-
-def load_causal_lm(cfg: ModelConfig, trainable: bool, device: torch.device) -> torch.nn.Module:
-    """The *ForCausalLM at cfg.path, sharded over the ranks, on `device`: trainable (train mode, gradient
-    checkpointing as configured) or frozen (eval mode, no gradients)."""
-    from transformers import AutoModelForCausalLM
-
-    def load(dtype):
-        model = load_pretrained(AutoModelForCausalLM, cfg.path, cfg, trainable, dtype=dtype)
-        if not trainable:
-            return model.eval().requires_grad_(False)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        return model.train()
-
-    return load_sharded(load, device, weights_dtype(cfg, trainable), DTYPES[cfg.dtype])
 
 
 def autocast(cfg: ModelConfig, device: torch.device) -> torch.autocast:

@@ -30,7 +30,8 @@ from .checkpoint import fsync, latest_checkpoint, load_checkpoint, save_checkpoi
 from .config import LogConfig, ModelConfig, load_config, to_yaml
 from .data import builtin_dataset, check_prompts, load_file
 from .metrics import MetricsLogger, Timer, peak_memory_mib
-from .precision import autocast, load_pretrained
+from .models import load_model
+from .precision import autocast
 from .rewards import render_conversation
 from .runs import check_model_path, command_line, lock_run_dir
 
@@ -172,10 +173,8 @@ def train(cfg: RewardModelConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         raise ValueError(f"the tokenizer of {cfg.model.path!r} has no pad token, which batched scoring needs")
-    model = load_pretrained(AutoModelForSequenceClassification, cfg.model.path, cfg.model, trainable=True,
-                            num_labels=1, pad_token_id=tokenizer.pad_token_id).train()
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    model = load_model(cfg.model, trainable=True, device=torch.device("cpu"),
+                       auto_class=AutoModelForSequenceClassification, num_labels=1, pad_token_id=tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   fused=True)
     pairs, skipped = load_pairs(cfg.data, tokenizer, "train")

@@ -26,8 +26,9 @@ from .data import builtin_dataset, check_prompts, encode_prompt, load_file
 from .distributed import (all_reduce_sum, clip_grad_norm_, end_worker, init_distributed, packed_hidden_states,
                           world)
 from .metrics import MetricsLogger, Timer, peak_memory_mib
+from .models import load_model
 from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
-from .precision import autocast, load_causal_lm
+from .precision import autocast
 from .runs import RunError, check_model_path, command_line, lock_run_dir
 
 
@@ -149,7 +150,7 @@ def train(cfg: SFTConfig) -> list[dict]:
     write_run_config(run_dir, cfg, checkpoint is not None, MAY_CHANGE, write=rank == 0)
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_causal_lm(cfg.model, trainable=True, device=device)
+    model = load_model(cfg.model, trainable=True, device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   fused=True)
     sequences, prompt_lengths, skipped = load_examples(cfg.data, tokenizer)

@@ -1,7 +1,7 @@
 """Data parallelism with FSDP2 on CPU (torchrun, gloo): 1 and 2 ranks compute the same steps, checkpoints resume
 across world sizes.
 
-- The building blocks: load_sharded is from_pretrained, sharded (each rank casts only its slice); a
+- The building blocks: models.load_model is from_pretrained, sharded (each rank casts only its slice); a
   hand-written GRPO step (fastgrpo.grpo.optimize's loss math) on 1 process and on 2 ranks gives the same loss and
   weights.
 - The trainers: the real fastgrpo.grpo.train and fastgrpo.sft.train on 1 and 2 ranks, on the same global batch, give
@@ -112,15 +112,14 @@ def step_main(out_path: str, model_dir: str):
 
 
 def load_main(out_path: str, model_dir: str, dtype: str):
-    """load_sharded on every rank, weights in `dtype`: the gathered weights, and each rank's parameter dtypes,
+    """load_model on every rank, weights in `dtype`: the gathered weights, and each rank's parameter dtypes,
     buffers, and whether the head is still tied."""
-    from transformers import AutoModelForCausalLM
-
-    from fastgrpo.distributed import all_gather_objects, full_state_dict, init_distributed, load_sharded, world
+    from fastgrpo.config import ModelConfig
+    from fastgrpo.distributed import all_gather_objects, full_state_dict, init_distributed, world
+    from fastgrpo.models import load_model
 
     device = init_distributed()
-    load = lambda d: AutoModelForCausalLM.from_pretrained(model_dir, dtype=d)  # noqa: E731
-    model = load_sharded(load, device, getattr(torch, dtype))
+    model = load_model(ModelConfig(path=model_dir, dtype=dtype, param_dtype=dtype), trainable=True, device=device)
     weights = {name: t.detach().clone() for name, t in full_state_dict(model)}
     mine = {"buffers": {name: b.clone() for name, b in model.named_buffers()},
             "param_dtypes": {p.dtype for p in model.parameters()},
@@ -258,7 +257,7 @@ def _skip_without_gloo():
 
 
 @pytest.mark.parametrize("checkpoint, weights", [("bfloat16", "float32"), ("float32", "bfloat16")])
-def test_load_sharded_is_a_sharded_from_pretrained(tmp_path, checkpoint, weights):
+def test_load_model_is_a_sharded_from_pretrained(tmp_path, checkpoint, weights):
     """Each rank loads the checkpoint in its own dtype and casts its shards: the gathered weights are what
     from_pretrained in the weights' dtype gives, exactly; buffers keep their dtype (rotary frequencies stay fp32
     under bf16 weights); tied weights stay tied."""
