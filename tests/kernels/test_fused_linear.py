@@ -226,11 +226,13 @@ def test_masked_positions_may_hold_any_id(backend):
         fused_linear_cross_entropy(hidden, weight, labels, backend=backend)
 
 
-def test_autocast_fp32_weight_gradient_sums_in_fp32_over_many_chunks(backend):
+def test_autocast_fp32_weight_gradient_sums_in_fp32_over_many_chunks(backend, vocab_tiles):
     """An fp32 weight under bf16 autocast gets dW summed in fp32 across chunks on both backends: its error against
     fp64 does not grow with the number of chunks. A frequent token over similar hidden states makes one row of dW
     a long coherent sum, the worst case for a low-precision sum: 128 one-row chunks measured 4.0e-2 relative on
     the Triton path when it summed in bf16 (4.1e-3 in one chunk); 5.4e-3 in fp32 (torch path: 5e-4, 9e-4)."""
+    if vocab_tiles != "one_tile":
+        pytest.skip("sums over chunks, whatever the tiles; 128 chunks are slow under the interpreter")
     g = torch.Generator().manual_seed(9)
     hidden = torch.randn(H, generator=g) + 0.1 * torch.randn(128, H, generator=g)
     weight = torch.randn(V, H, generator=g) * 0.5
