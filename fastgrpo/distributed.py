@@ -87,7 +87,7 @@ def shard_model(model: torch.nn.Module, dtype: torch.dtype | None = None,
 
     The root (embeddings, final norm, LM head) keeps its parameters gathered from its forward to the end of the
     backward, so `model.get_output_embeddings().weight` is the full head while the fused loss uses it, provided
-    the hidden states come from the root's forward (`packed_hidden_states`), not from `model.base_model`.
+    the hidden states come from the root's forward (`packing.packed_hidden_states`), not from `model.base_model`.
     """
     if world()[1] == 1:
         return model
@@ -121,20 +121,6 @@ def reshard(model: torch.nn.Module) -> None:
     """
     if isinstance(model, FSDPModule):
         model.reshard()
-
-
-def packed_hidden_states(model: torch.nn.Module, packed) -> torch.Tensor:
-    """Final (normed) hidden states (N, H) of a packed micro-batch, through the root module's forward.
-
-    Under FSDP2 the root's forward is what gathers the embeddings, final norm and LM head (calling
-    `model.base_model` directly would see shards); an empty `logits_to_keep` makes the LM head compute no logits,
-    since the fused loss computes them chunk by chunk from these hidden states.
-    """
-    from .packing import packed_forward
-
-    out = packed_forward(model, packed, output_hidden_states=True,
-                         logits_to_keep=torch.empty(0, dtype=torch.long, device=packed.input_ids.device))
-    return out.hidden_states[-1][0]  # (N, H)
 
 
 def all_reduce_sum(x: float | torch.Tensor) -> float | torch.Tensor:

@@ -30,11 +30,12 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig, TrainConfig, load_config, write_run_config
 from .data import PromptSampler, decode, load_prompts
 from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, end_worker, init_distributed,
-                          packed_hidden_states, reshard, world)
+                          reshard, world)
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .models import load_model
-from .packing import PackedBatch, PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
+from .packing import (PackedBatch, PackingStats, completion_rows, pack, packed_backward, packed_hidden_states,
+                      plan_micro_batches)
 from .precision import autocast
 from .rewards import OverlongPenalty, RewardModelReward, compute_rewards, resolve_reward, reward_name
 from .runs import RunError, check_model_path, command_line, lock_run_dir

@@ -1,4 +1,4 @@
-"""Sequence packing for RL and SFT: token-budget micro-batches, a padding-free forward, outputs mapped back.
+"""Sequence packing for RL and SFT: token-budget micro-batches, padding-free forward and backward, outputs mapped back.
 
 A GRPO step holds B*G sequences (prompt + completion) whose lengths vary widely. Padding a micro-batch to its
 longest sequence computes mostly padding; packing puts the k sequences of a micro-batch back to back in one row
@@ -9,7 +9,7 @@ longest sequence computes mostly padding; packing puts the k sequences of a micr
     log(PackingStats.from_plan(lengths, plan).as_dict())
     for indices in plan[rank]:
         packed = pack(sequences, indices, prompt_lengths)   # input_ids / position_ids (1, N), cu_seqlens (k+1,)
-        hidden = packed_forward(model.model, packed).last_hidden_state[0]                   # (N, H)
+        hidden = packed_hidden_states(model, packed)                                        # (N, H)
         loss, metrics = fused_linear_grpo_loss(hidden, model.lm_head.weight, packed.targets,
                                                advantages[packed.seq_indices], packed.loss_mask,
                                                packed.gather(old_logp), ..., cu_seqlens=packed.cu_seqlens)
@@ -238,7 +238,7 @@ def token_logprobs(logits: torch.Tensor, packed: PackedBatch, temperature: float
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The forward: attention chosen per device, kept inside each sequence.
+# The forward and backward: attention chosen per device, kept inside each sequence.
 
 
 def _sdpa_per_sequence(query, key, value, lengths: list[int], scale, causal: bool, dropout: float = 0.0):
@@ -308,6 +308,18 @@ def packed_forward(model, packed: PackedBatch, **kwargs):
         # use_cache=False: a cache would keep every layer's K/V of the whole row for nothing during training.
         return model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False, **varlen,
                      **kwargs)
+
+
+def packed_hidden_states(model: torch.nn.Module, packed: PackedBatch) -> torch.Tensor:
+    """Final (normed) hidden states (N, H) of a packed micro-batch, through the root module's forward.
+
+    Under FSDP2 the root's forward is what gathers the embeddings, final norm and LM head (calling
+    `model.base_model` directly would see shards); an empty `logits_to_keep` makes the LM head compute no logits,
+    since the fused loss computes them chunk by chunk from these hidden states.
+    """
+    out = packed_forward(model, packed, output_hidden_states=True,
+                         logits_to_keep=torch.empty(0, dtype=torch.long, device=packed.input_ids.device))
+    return out.hidden_states[-1][0]  # (N, H)
 
 
 def packed_backward(model: torch.nn.Module, loss: torch.Tensor) -> None:

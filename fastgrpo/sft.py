@@ -23,11 +23,10 @@ from fastgrpo_kernels import fused_linear_cross_entropy
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LogConfig, ModelConfig, load_config, write_run_config
 from .data import builtin_dataset, check_prompts, encode_prompt, load_file
-from .distributed import (all_reduce_sum, clip_grad_norm_, end_worker, init_distributed, packed_hidden_states,
-                          world)
+from .distributed import all_reduce_sum, clip_grad_norm_, end_worker, init_distributed, world
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .models import load_model
-from .packing import PackingStats, completion_rows, pack, packed_backward, plan_micro_batches
+from .packing import PackingStats, completion_rows, pack, packed_backward, packed_hidden_states, plan_micro_batches
 from .precision import autocast
 from .runs import RunError, check_model_path, command_line, lock_run_dir
 

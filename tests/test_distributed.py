@@ -58,8 +58,8 @@ def synthetic_batch(vocab_size: int):
 
 def grpo_step(model, optimizer, batch, loss_type) -> dict:
     """One optimizer update on this rank's share of the batch; returns the global loss and grad norm."""
-    from fastgrpo.distributed import all_reduce_sum, packed_hidden_states, world
-    from fastgrpo.packing import completion_rows, pack, plan_micro_batches
+    from fastgrpo.distributed import all_reduce_sum, world
+    from fastgrpo.packing import completion_rows, pack, packed_hidden_states, plan_micro_batches
     from fastgrpo_kernels import GRPOLossConfig, fused_linear_grpo_loss
 
     sequences, prompt_lengths, completion_lengths, advantages, old_logp = batch
