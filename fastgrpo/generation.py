@@ -20,7 +20,6 @@ from transformers import (GenerationConfig, LogitsProcessorList, TemperatureLogi
                           TopPLogitsWarper)
 
 from . import vllm_bridge
-from .distributed import full_state_dict
 
 
 @dataclass(frozen=True)
@@ -64,79 +63,48 @@ class VLLMGenerator:
     (mixed precision: fp32 master weights, bf16 sampling; fastgrpo/precision.py); on CPU the packed layers keep no
     plain weight and are repacked from casts of the trainer's.
     "auto" (the default) is zero_copy where the weights can be shared (same dtype and device, not FSDP shards),
-    else copy where only the dtype differs, else reload (bench/GENERATION.md).
+    else copy where only the dtype differs, else reload (bench/GENERATION.md); on several ranks (world_size > 1)
+    every mode is reload. vllm_bridge.choose_sync decides; `weights` is the strategy, `weights.reason` says why.
     sync="none" (no trainer model): vLLM samples from the checkpoint's weights, for evaluation and rejection
     sampling.
     """
 
     def __init__(self, model_path, model=None, sync="auto", dtype="auto", max_model_len=2048,
-                 kv_cache_gib=1.0, gpu_memory_utilization=0.3, seed=0, tensor_parallel_size=1):
-        if sync not in ("auto", "zero_copy", "copy", "reload", "none"):
-            raise ValueError(f"sync must be 'auto', 'zero_copy', 'copy', 'reload' or 'none', got {sync!r}")
-        if model is None and sync != "none":
-            raise ValueError(f"sync={sync!r} needs the trainer's model (to share weights with, or to copy them from)")
+                 kv_cache_gib=1.0, gpu_memory_utilization=0.3, seed=0, tensor_parallel_size=1, world_size=1):
+        vllm_bridge.check_sync_mode(sync, model)
         self.llm = vllm_bridge.create_llm(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                                           kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization,
                                           enable_sleep_mode=torch.cuda.is_available(),
                                           tensor_parallel_size=tensor_parallel_size)
-        self.model = model
-        self.dtype = None if dtype == "auto" else getattr(torch, dtype)  # what vLLM computes in
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id
-        # zero_copy on CPU: vLLM's packed copies of the shared weights are freed by sleep() and rebuilt by
-        # sync_weights() (or by wake(), when no sync came between)
-        self.repack, self.packed, self.copier = False, True, None
-        keep_packed = not torch.cuda.is_available()
-        if sync in ("auto", "zero_copy"):
-            try:
-                self.repack = vllm_bridge.share_weights(self.llm, model, keep_packed=keep_packed)
-                sync = "zero_copy"
-            except ValueError:
-                if sync == "zero_copy":
-                    raise  # auto: these weights cannot be shared (share_weights changed nothing); try a copy
-        if sync in ("auto", "copy"):
-            try:
-                self.copier = vllm_bridge.WeightCopier(self.llm, model, keep_packed=keep_packed)
-                self.repack, sync = self.copier.repack, "copy"
-            except ValueError:
-                if sync == "copy":
-                    raise
-                sync = "reload"  # auto: sharded or on another device (WeightCopier changed nothing)
-        self.sync = sync
+        self.weights = vllm_bridge.make_weight_sync(sync, self.llm, model, world_size=world_size,
+                                                    dtype=None if dtype == "auto" else getattr(torch, dtype))
+
+    @property
+    def sync(self) -> str:
+        """The strategy chosen: "zero_copy", "copy", "reload" or "none"."""
+        return self.weights.name
+
+    @property
+    def repack(self) -> bool:
+        """Whether vLLM's CPU packed copies are rebuilt after each step (zero_copy, copy on CPU)."""
+        return self.weights.repack
 
     def sync_weights(self) -> float:
         """Make vLLM see the trainer's current weights; returns seconds spent (0 when all are shared)."""
-        if self.sync in ("zero_copy", "copy"):
-            seconds = self.copier.copy() if self.copier else 0.0
-            if not self.repack:
-                return seconds
-            self.packed = True
-            # zero_copy: from the shared weights; copy: from casts of the trainer's, vLLM keeping no plain copy
-            return seconds + (self.copier.repack_layers() if self.copier else vllm_bridge.repack(self.llm))
-        if self.sync == "none":
-            raise RuntimeError("this generator has no trainer model to take weights from (sync='none')")
-        # Full tensors, gathered one at a time when the trainer holds FSDP shards (a no-op otherwise), cast to vLLM's
-        # dtype before the gather: fp32 master weights move as bf16, half the bytes.
-        return vllm_bridge.reload_weights(self.llm, full_state_dict(self.model, self.dtype))
+        return self.weights.sync()
 
     def sleep(self):
         """Free what only sampling needs while the trainer runs: the KV cache (CUDA), the packed copies (CPU)."""
-        vllm_bridge.sleep(self.llm)
-        if self.repack:
-            vllm_bridge.unpack(self.llm)
-            self.packed = False
+        self.weights.sleep()
 
     def wake(self):
-        vllm_bridge.wake(self.llm)
-        self._ensure_packed()
-
-    def _ensure_packed(self):
-        if not self.packed:  # only sleep() unpacks, and only in zero_copy / copy: a sync rebuilds them
-            self.sync_weights()
+        self.weights.wake()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         from vllm import SamplingParams, TokensPrompt
 
-        self._ensure_packed()  # asleep on CPU (no wake since): the packed copies are rebuilt first
+        self.weights.ready()  # asleep on CPU (no wake since): the packed copies are rebuilt first
         params = [
             SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                            top_k=sampling.top_k or -1, max_tokens=sampling.max_tokens,

@@ -62,14 +62,10 @@ def make_generator(cfg: GRPOConfig, model, tokenizer):
             raise ValueError("generation.tensor_parallel_size > 1 needs generation.backend=vllm")
         return HFGenerator(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                            autocast=lambda: autocast(cfg.model, next(model.parameters()).device))
-    # zero_copy shares storage with the trainer's parameters, which under FSDP are shards: on several ranks each
-    # rank's vLLM keeps a full copy (or its tensor-parallel slice) and reloads the gathered full weights after every
-    # step; vLLM's loader cuts its slice out of each full tensor.
-    sync = g.sync if world_size == 1 else "reload"
-    return VLLMGenerator(cfg.model.path, model, sync=sync, dtype=cfg.model.dtype,
+    return VLLMGenerator(cfg.model.path, model, sync=g.sync, dtype=cfg.model.dtype,
                          max_model_len=cfg.data.max_prompt_length + g.max_completion_length,
                          kv_cache_gib=g.kv_cache_gib, gpu_memory_utilization=g.gpu_memory_utilization,
-                         seed=cfg.train.seed, tensor_parallel_size=g.tensor_parallel_size)
+                         seed=cfg.train.seed, tensor_parallel_size=g.tensor_parallel_size, world_size=world_size)
 
 
 def make_rewards(cfg: GRPOConfig, reward_funcs=None, device=None):

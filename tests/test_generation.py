@@ -260,6 +260,33 @@ def test_bad_input(model_path, monkeypatch):
     assert auto.sync == "copy" and auto.sync_weights() > 0  # auto: what cannot be shared is copied, cast
 
 
+def test_one_chooser_picks_the_weight_sync(model_path):
+    """auto: zero_copy where the weights can be shared, copy where only the dtype differs, reload otherwise (here:
+    another device); any mode on several ranks: reload (FSDP shards). The chooser only looks: nothing is shared."""
+    from transformers import AutoConfig
+
+    engine = VLLMGenerator(model_path, None, sync="none", dtype="float32", max_model_len=256, kv_cache_gib=0.25)
+    assert engine.sync == "none" and "checkpoint" in engine.weights.reason
+    fp32, bf16 = load(model_path), AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    with torch.device("meta"):
+        elsewhere = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=torch.float32)
+    choose = vllm_bridge.choose_sync
+    assert choose("auto", engine.llm, fp32)[0] == "zero_copy"
+    name, reason = choose("auto", engine.llm, bf16)
+    assert name == "copy" and "bfloat16" in reason
+    name, reason = choose("auto", engine.llm, elsewhere)
+    assert name == "reload" and "meta" in reason
+    for mode in ("auto", "zero_copy", "copy", "reload"):
+        name, reason = choose(mode, engine.llm, fp32, world_size=2)
+        assert name == "reload" and "2 ranks" in reason
+        assert choose(mode, engine.llm, fp32)[0] == ("zero_copy" if mode == "auto" else mode)
+    assert choose("none", engine.llm, None)[0] == "none"
+    engine_ptrs = {p.data_ptr() for p in vllm_bridge.engine_model(engine.llm).parameters()}
+    assert not engine_ptrs & {p.data_ptr() for p in fp32.parameters()}  # looked, shared nothing
+    with pytest.raises(RuntimeError, match="no trainer model"):
+        engine.sync_weights()
+
+
 def test_tiny_tokenizer_round_trips_text_as_loaded_by_transformers(tmp_path):
     """transformers 5 loads a qwen2 checkpoint's tokenizer as Qwen2Tokenizer (byte-level); spaces must survive."""
     from transformers import AutoTokenizer
