@@ -24,7 +24,7 @@ import torch
 from .config import DataConfig, RewardConfig, load_cli_config
 from .data import decode, encode_prompt, load_general, load_prompts
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
-from .rewards import FormatReward, RewardModelReward, accuracy_reward, compute_rewards, extract_answer, resolve_reward
+from .rewards import FormatReward, accuracy_reward, build_rewards, compute_rewards, extract_answer
 from .runs import check_model_path, command_line, write_atomic
 
 
@@ -92,8 +92,7 @@ def evaluate_reasoning(generator, tokenizer, cfg: EvalConfig) -> dict:
     prompts = [p for p in ds[cfg.data.prompt_column] for _ in range(k)]
     correct = accuracy_reward(prompts, texts, ids, answer=columns[cfg.data.answer_column])
     correct = [0.0 if c is None else c for c in correct]
-    funcs = [resolve_reward(n) for n in cfg.rewards.funcs if n != "reward_model"]
-    weights = [w for n, w in zip(cfg.rewards.funcs, cfg.rewards.weights) if n != "reward_model"]
+    funcs, weights = build_rewards(cfg.rewards, rule_only=True)  # the reward model scores general prompts alone
     rewards, _ = compute_rewards(funcs, weights, prompts, texts, ids, columns)
     answers = [extract_answer(t) for t in texts]
     maj = [majority_correct(answers[i * k:(i + 1) * k], correct[i * k:(i + 1) * k]) for i in range(len(groups))]
@@ -108,7 +107,9 @@ def evaluate_reasoning(generator, tokenizer, cfg: EvalConfig) -> dict:
     }
 
 
-def evaluate_general(generator, tokenizer, cfg: EvalConfig) -> dict:
+def evaluate_general(generator, tokenizer, cfg: EvalConfig, device=None) -> dict:
+    """General prompts: completion length, the reward model's mean score (on `device`) and the preferred-answer
+    rate."""
     ds = load_general(cfg.data, split=held_out(cfg.data.general_source))
     sampling = SamplingConfig(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_tokens=cfg.max_completion_length, seed=cfg.seed + 1)
@@ -117,7 +118,9 @@ def evaluate_general(generator, tokenizer, cfg: EvalConfig) -> dict:
     texts = [t for g in groups for t, _, _ in g]
     out = {"general_prompts": len(groups), "general_length": sum(len(i) for g in groups for _, i, _ in g) / len(texts)}
     if cfg.rewards.reward_model:
-        scores = RewardModelReward(cfg.rewards.reward_model)(prompts, texts)
+        only = RewardConfig(funcs=["reward_model"], weights=[1.0], reward_model=cfg.rewards.reward_model)
+        [reward_model], _ = build_rewards(only, device=device)
+        scores = reward_model(prompts=prompts, completions=texts)
         out["helpfulness"] = sum(scores) / len(scores)
     if "chosen" in ds.column_names:
         chosen = [c for c in ds["chosen"] for _ in range(cfg.k)]
@@ -133,7 +136,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     generator, tokenizer = make_sampler_llm(cfg)
     results = {"model": cfg.model, **evaluate_reasoning(generator, tokenizer, cfg)}
     if cfg.data.general_source:
-        results.update(evaluate_general(generator, tokenizer, cfg))
+        # the reward model on the GPU when there is one (loaded without a device, it would score on the CPU)
+        device = torch.device("cuda") if torch.cuda.is_available() else None
+        results.update(evaluate_general(generator, tokenizer, cfg, device))
     if cfg.out:
         write_atomic(cfg.out, json.dumps(results, indent=1))
     return results

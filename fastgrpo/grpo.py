@@ -37,7 +37,7 @@ from .models import load_model
 from .packing import (PackedBatch, PackingStats, completion_rows, pack, packed_backward, packed_hidden_states,
                       plan_micro_batches)
 from .precision import autocast
-from .rewards import OverlongPenalty, RewardModelReward, compute_rewards, resolve_reward, reward_name
+from .rewards import build_rewards, compute_rewards, reward_name
 from .runs import RunError, check_model_path, command_line, lock_run_dir
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,18 +73,9 @@ def make_rewards(cfg: GRPOConfig, reward_funcs=None, device=None):
 
     A reward model runs on `device` (the trainer's).
     """
-    if reward_funcs is None:
-        names, weights = cfg.rewards.funcs, list(cfg.rewards.weights)
-        if len(names) != len(weights):
-            raise ValueError(f"rewards.funcs has {len(names)} entries but rewards.weights has {len(weights)}")
-        reward_funcs = [RewardModelReward(cfg.rewards.reward_model, device=device) if name == "reward_model"
-                        else resolve_reward(name) for name in names]
-    else:
-        weights = [1.0] * len(reward_funcs)
-    if cfg.loss.overlong_buffer:
-        reward_funcs = [*reward_funcs, OverlongPenalty(cfg.generation.max_completion_length, cfg.loss.overlong_buffer)]
-        weights = [*weights, 1.0]
-    return reward_funcs, weights
+    return build_rewards(cfg.rewards, funcs=reward_funcs, device=device,
+                         max_completion_length=cfg.generation.max_completion_length,
+                         overlong_buffer=cfg.loss.overlong_buffer)
 
 
 # ----------------------------------------------------------------------------------------------------------

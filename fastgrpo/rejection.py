@@ -19,11 +19,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .config import DataConfig, load_cli_config
+from .config import DataConfig, RewardConfig, load_cli_config
 from .data import as_messages, load_general, load_prompts
 from .evaluate import sample
 from .generation import SamplingConfig, VLLMGenerator
-from .rewards import FormatReward, accuracy_reward, language_consistency_reward
+from .rewards import build_rewards
 from .runs import check_model_path, command_line, write_atomic
 
 
@@ -46,6 +46,10 @@ class RejectionConfig:
     kv_cache_gib: float = 0.25
     dtype: str = "auto"  # vLLM's: auto (the checkpoint's) | float32 | bfloat16 (fp32 mixed-precision checkpoints)
     seed: int = 0
+
+
+# what a kept completion must pass (see rejection_reason); the weights go unused
+VERIFIERS = RewardConfig(funcs=["accuracy", "format", "language_consistency"], weights=[1.0, 1.0, 1.0])
 
 
 def repetitive(token_ids: list[int], n: int = 8, max_repeats: int = 4) -> bool:
@@ -84,13 +88,13 @@ def accepted_samples(generator, tokenizer, cfg: RejectionConfig) -> tuple[list[d
                               max_tokens=cfg.max_completion_length, seed=cfg.seed)
     prompts = ds[cfg.data.prompt_column]
     groups = sample(generator, tokenizer, prompts, sampling)
-    fmt = FormatReward()
+    accuracy, fmt, language_consistency = build_rewards(VERIFIERS)[0]
     rows, counts = [], Counter()
     for prompt, answer, group in zip(prompts, ds[cfg.data.answer_column], groups):
         texts = [t for t, _, _ in group]
-        correct = accuracy_reward([prompt] * len(texts), texts, answer=[answer] * len(texts))
+        correct = accuracy([prompt] * len(texts), texts, answer=[answer] * len(texts))
         formed = fmt([prompt] * len(texts), texts)
-        language = language_consistency_reward([prompt] * len(texts), texts)
+        language = language_consistency([prompt] * len(texts), texts)
         seen = set()
         for (text, ids, finish), acc, form, lang in zip(group, correct, formed, language):
             counts["sampled"] += 1

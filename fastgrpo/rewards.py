@@ -18,6 +18,9 @@ Built-ins, and the names `resolve_reward` knows them by (a name that is a class 
     "language_consistency"  language_consistency_reward   share of the CoT in the prompt's script (R1)
     "overlong"              OverlongPenalty               DAPO's soft overlong punishment
     "reward_model"          RewardModelReward             a sequence-classification checkpoint's score
+
+`build_rewards` turns a RewardConfig into (functions, weights): the one factory GRPO, evaluation and rejection
+sampling use.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import unicodedata
 from pathlib import Path
 
 import torch
+
+from .config import RewardConfig
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -463,3 +468,33 @@ def resolve_reward(name: str, **options):
     if options:
         raise TypeError(f"reward {name!r} is a function and takes no options, got {sorted(options)}")
     return target
+
+
+# ---------------------------------------------------------------------------------------------- factory
+
+def build_rewards(cfg: RewardConfig, *, funcs=None, device=None, max_completion_length: int | None = None,
+                  overlong_buffer: int = 0, rule_only: bool = False) -> tuple[list, list[float]]:
+    """(functions, weights): cfg.funcs with cfg.weights, or the caller's `funcs` (TRL's reward_funcs) with weight 1
+    each; then DAPO's overlong penalty (weight 1) when overlong_buffer > 0, for completions of at most
+    max_completion_length tokens.
+
+    "reward_model" is the sequence-classification checkpoint cfg.reward_model, scoring on `device` (None: where it
+    loads, the CPU). rule_only leaves it out, with its weight: the rule rewards alone.
+
+    >>> funcs, weights = build_rewards(RewardConfig(funcs=["accuracy"], weights=[2.0]), max_completion_length=64,
+    ...                                overlong_buffer=16)
+    >>> [reward_name(f) for f in funcs], weights
+    (['accuracy_reward', 'overlong_penalty'], [2.0, 1.0])
+    """
+    if funcs is not None:
+        funcs, weights = list(funcs), [1.0] * len(funcs)
+    else:
+        if len(cfg.funcs) != len(cfg.weights):
+            raise ValueError(f"rewards.funcs has {len(cfg.funcs)} entries but rewards.weights has {len(cfg.weights)}")
+        named = [(n, w) for n, w in zip(cfg.funcs, cfg.weights) if not (rule_only and n == "reward_model")]
+        funcs = [RewardModelReward(cfg.reward_model, device=device) if name == "reward_model" else resolve_reward(name)
+                 for name, _ in named]
+        weights = [w for _, w in named]
+    if overlong_buffer:
+        funcs, weights = [*funcs, OverlongPenalty(max_completion_length, overlong_buffer)], [*weights, 1.0]
+    return funcs, weights

@@ -209,7 +209,7 @@ def test_reward_model_runs_on_the_trainers_device(model_path, monkeypatch):
     import fastgrpo.grpo as grpo
 
     built = []
-    monkeypatch.setattr(grpo, "RewardModelReward", lambda path, device=None: built.append((path, device)))
+    monkeypatch.setattr("fastgrpo.rewards.RewardModelReward", lambda path, device=None: built.append((path, device)))
     cfg = make_cfg(model_path, "unused", "rewards.funcs=[reward_model]", "rewards.weights=[1.0]",
                    "rewards.reward_model=/rm")
     grpo.make_rewards(cfg, device=torch.device("meta"))

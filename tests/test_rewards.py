@@ -244,3 +244,51 @@ def test_reward_model_without_chat_template_concatenates(reward_model_path):
     with torch.no_grad():
         expected = rm.model(input_ids=ids).logits[0, 0].item()
     assert rm(prompts=["What is 2+2?", "x"], completions=["4", "yz"])[0] == pytest.approx(expected, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- build_rewards
+
+def test_build_rewards_is_the_one_factory(monkeypatch):
+    """The config's functions and weights; a reward model on the given device (rule_only: left out with its weight);
+    the caller's functions at weight 1; DAPO's overlong penalty last."""
+    from fastgrpo.config import RewardConfig
+
+    built = []
+    monkeypatch.setattr(rewards, "RewardModelReward", lambda path, device=None: built.append((path, device)) or len)
+    cfg = RewardConfig(funcs=["accuracy", "reward_model", "format"], weights=[1.0, 2.0, 0.5], reward_model="/rm")
+    funcs, weights = rewards.build_rewards(cfg, device=torch.device("meta"))
+    assert funcs[0] is accuracy_reward and funcs[1] is len and isinstance(funcs[2], FormatReward)
+    assert weights == [1.0, 2.0, 0.5] and built == [("/rm", torch.device("meta"))]
+    funcs, weights = rewards.build_rewards(cfg, rule_only=True, max_completion_length=32, overlong_buffer=8)
+    assert [rewards.reward_name(f) for f in funcs] == ["accuracy_reward", "format_reward", "overlong_penalty"]
+    assert weights == [1.0, 0.5, 1.0] and len(built) == 1 and funcs[-1].max_length == 32 and funcs[-1].buffer == 8
+    mine = [_constant([1.0])]
+    assert rewards.build_rewards(cfg, funcs=mine) == (mine, [1.0])
+    with pytest.raises(ValueError, match="rewards.funcs has 2 entries but rewards.weights has 1"):
+        rewards.build_rewards(RewardConfig(funcs=["accuracy", "format"], weights=[1.0]))
+
+
+def test_evaluation_scores_general_prompts_with_the_reward_model_on_its_device(monkeypatch):
+    """evaluate_general built its reward model without a device (the CPU, on a GPU machine too)."""
+    from dataclasses import replace
+
+    from fastgrpo.config import DataConfig
+    from fastgrpo.evaluate import EvalConfig, evaluate_general
+    from fastgrpo.generation import Completion
+    from fastgrpo.tiny import char_tokenizer
+
+    class Echo:
+        def generate(self, prompts, sampling):
+            return [[Completion([5, 6], [0.0, 0.0], "stop")] * sampling.n for _ in prompts]
+
+    built = []
+
+    def reward_model(path, device=None):
+        built.append((path, device))
+        return lambda prompts, completions, **kwargs: [float(len(prompts))] * len(prompts)
+
+    monkeypatch.setattr(rewards, "RewardModelReward", reward_model)
+    data = DataConfig(source="builtin:arithmetic", general_source="builtin:assist", eval_examples=4)
+    cfg = EvalConfig(model="m", data=data, k=2, rewards=replace(EvalConfig().rewards, reward_model="/rm"))
+    out = evaluate_general(Echo(), char_tokenizer(), cfg, device=torch.device("meta"))
+    assert built == [("/rm", torch.device("meta"))] and out["helpfulness"] == 2 * out["general_prompts"]
