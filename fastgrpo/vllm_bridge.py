@@ -167,7 +167,18 @@ def _settle_packed(llm, keep_packed: bool) -> bool:
     for module in packed:
         if not keep_packed or (isinstance(module, VocabParallelEmbedding) and module is not head):
             module.cpu_linear = torch.nn.functional.linear
-    return keep_packed and bool(packed)
+        _plain_if_unpacked(module)
+    return keep_packed and any(m.cpu_linear is not torch.nn.functional.linear for m in packed)
+
+
+def _plain_if_unpacked(module: nn.Module) -> None:
+    """A layer oneDNN could not pack (vLLM then falls back to a lambda calling torch.nn.functional.linear on the
+    weight it is passed; seen for bf16 layers on CPUs without AVX-512) computes from its plain weight: mark it so, or
+    it would count as packed and have that weight emptied. Every packed dispatch captures its packed copy in a closure;
+    the fallback captures nothing."""
+    linear = module.cpu_linear
+    if linear is not None and linear is not torch.nn.functional.linear and getattr(linear, "__closure__", 0) is None:
+        module.cpu_linear = torch.nn.functional.linear
 
 
 class WeightCopier:
@@ -259,6 +270,7 @@ def _repack_layer(module: nn.Module) -> None:
 
     module.cpu_linear = None  # free the old copy before building the new one: never two at once
     dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+    _plain_if_unpacked(module)
 
 
 def unpack(llm) -> None:
