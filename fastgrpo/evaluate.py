@@ -50,7 +50,7 @@ def make_sampler_llm(cfg: EvalConfig):
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if cfg.backend == "hf":
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, use_safetensors=True).eval()
         return HFGenerator(model, tokenizer.eos_token_id, tokenizer.pad_token_id), tokenizer
     if cfg.backend != "vllm":
         raise ValueError(f"backend must be 'vllm' or 'hf', got {cfg.backend!r}")

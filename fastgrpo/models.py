@@ -45,7 +45,9 @@ def load_model(cfg: ModelConfig, trainable: bool, device: torch.device, auto_cla
 
 def _from_pretrained(auto_class, cfg: ModelConfig, trainable: bool, dtype: torch.dtype | str, **kwargs):
     """auto_class.from_pretrained in `dtype` ("auto": the checkpoint's own), ready to train or frozen."""
-    model = auto_class.from_pretrained(cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    # safetensors only: a received folder holding only pytorch_model.bin would be unpickled (torch.load)
+    model = auto_class.from_pretrained(cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                       use_safetensors=True, **kwargs)
     if not trainable:
         return model.eval().requires_grad_(False)
     if cfg.gradient_checkpointing:

@@ -392,7 +392,7 @@ class RewardModelReward:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if isinstance(path_or_model, (str, Path)):
-            model = AutoModelForSequenceClassification.from_pretrained(path_or_model, num_labels=1,
+            model = AutoModelForSequenceClassification.from_pretrained(path_or_model, num_labels=1, use_safetensors=True,
                                                                        trust_remote_code=False)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(path_or_model, trust_remote_code=False)
         elif tokenizer is None:
