@@ -82,6 +82,9 @@ def compute_rewards(funcs, weights, prompts, completions, completion_ids, column
             out = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
         except Exception as e:
             raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {_one_line(e)}") from e
+        if not isinstance(out, (list, tuple)) and not (torch.is_tensor(out) and out.dim() == 1):
+            raise RewardError(f"reward function {name!r} returned a {type(out).__name__}, not a list of {n} values "
+                              f"(one per completion)")
         if len(out) != n:
             raise RewardError(f"reward function {name!r} returned {len(out)} values, expected {n}")
         try:

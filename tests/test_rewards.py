@@ -166,6 +166,13 @@ def test_non_finite_rewards_are_rejected_by_name(value):
     assert math.isnan(total[1])  # None stays "not applicable"
 
 
+@pytest.mark.parametrize("out", [1.0, None, "1.0"], ids=["float", "None", "str"])
+def test_a_reward_returning_no_list_is_named(out):
+    with pytest.raises(RewardError, match=rf"^reward function '<lambda>' returned a {type(out).__name__}, not a list "
+                                          r"of 3 values"):
+        compute_rewards([lambda completions, **kwargs: out], [1.0], ["p"] * 3, ["c"] * 3, [[1]] * 3, {})
+
+
 def test_trl_style_function_unchanged():
     # open-r1's format reward, verbatim in shape: TRL's signature, conversational completions, extra kwargs.
     def format_reward_open_r1(completions, **kwargs):
