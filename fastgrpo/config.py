@@ -91,10 +91,25 @@ class LossConfig:
 
 
 @dataclass
+class CodeConfig:
+    """The "code" reward: how programs are scored and the sandbox they run in (fastgrpo/sandbox.py)."""
+
+    scoring: str = "fraction"  # fraction: the share of the row's tests passed | all: 1.0 only if every test passes
+    isolation: str = "auto"  # auto: bubblewrap where it runs, else limits only (said in one line) | bwrap: required
+    workers: int = 0  # pre-started worker processes running programs in parallel; 0: one per usable CPU core
+    timeout_s: float = 2.0  # wall clock per program, all its test cases together
+    cpu_s: float = 2.0  # CPU time per process of a program
+    memory_mb: int = 512  # address space per process
+    max_processes: int = 8  # processes and threads of a program at once
+    max_output_bytes: int = 1 << 20  # per file a program writes, its stdout and stderr included
+
+
+@dataclass
 class RewardConfig:
     funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])  # built-in names or module:function
     weights: list[float] = field(default_factory=lambda: [1.0, 0.5])
     reward_model: str | None = None  # sequence-classification checkpoint for the "reward_model" function
+    code: CodeConfig = field(default_factory=CodeConfig)  # the "code" reward (runs the completions' code)
 
 
 @dataclass
@@ -149,6 +164,8 @@ CHOICES = {
     "loss.loss_type": ("grpo", "bnpo", "dapo", "dr_grpo"),
     "loss.importance_level": ("token", "sequence"),
     "loss.advantage_scale": ("group", "batch", "none"),
+    "rewards.code.scoring": ("fraction", "all"),
+    "rewards.code.isolation": ("auto", "bwrap"),
 }
 
 
