@@ -34,8 +34,8 @@ from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, e
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .models import load_model
-from .packing import (PackedBatch, PackingStats, completion_rows, pack, packed_backward, packed_hidden_states,
-                      plan_micro_batches)
+from .packing import (PackedBatch, PackingStats, completion_rows, completion_values, pack, packed_backward,
+                      packed_hidden_states, plan_micro_batches)
 from .precision import autocast
 from .rewards import build_rewards, compute_rewards, reward_name
 from .runs import RunError, check_model_path, command_line, lock_run_dir
@@ -197,21 +197,17 @@ def gather_rollout(parts: list, refills: int) -> Rollout:
 # Loss over packed micro-batches
 
 
-def score(model, micro_batches, temperature, shape, precision) -> torch.Tensor:
-    """Per-token log-probs of the completion tokens, (S, T) with [s, t] predicting token t+1; no gradient.
+def score(model, micro_batches, temperature, precision) -> list[torch.Tensor]:
+    """Per-token log-probs (n,) on each micro-batch's completion rows (those the loss reads); no gradient.
 
-    Fills the rows of this rank's micro-batches (on several ranks the others stay 0: this rank never reads them).
-    precision: the trainer's autocast context.
+    micro_batches: pack_step's (packed, rows, cu_seqlens, real); precision: the trainer's autocast context.
     """
-    out = torch.zeros(shape, device=next(model.parameters()).device)
+    out = []
     with torch.no_grad(), precision:
-        for packed, rows, _, real in micro_batches:
+        for packed, rows, _, _ in micro_batches:
             hidden = packed_hidden_states(model, packed)  # (N, H)
             head = model.get_output_embeddings().weight  # after the forward: under FSDP the gathered head
-            logp = torch.zeros(hidden.shape[0], device=hidden.device)
-            logp[rows] = fused_linear_logprobs(hidden[rows], head, packed.targets[rows], temperature)
-            if real:
-                packed.scatter_into(out, logp)
+            out.append(fused_linear_logprobs(hidden[rows], head, packed.targets[rows], temperature))
     reshard(model)
     return out
 
@@ -262,8 +258,7 @@ def prepare(model, ref_model, rollout: Rollout, advantages, cfg: GRPOConfig) -> 
     L, T = cfg.loss, cfg.generation.temperature
     device = next(model.parameters()).device
     packed, num_batches, stats = pack_step(rollout, cfg, device)
-    S, width = len(rollout.completion_ids), max(len(p) + len(c) for p, c in zip(rollout.prompt_ids,
-                                                                                 rollout.completion_ids))
+    S = len(rollout.completion_ids)
     keep_seq = ~rollout.truncated if L.mask_truncated else torch.ones(S, dtype=torch.bool)
     num_items = float(sum(len(c) for c, k in zip(rollout.completion_ids, keep_seq) if k))
     norms = {"num_items": num_items, "num_sequences": float(S), "num_batches": num_batches}
@@ -271,17 +266,16 @@ def prepare(model, ref_model, rollout: Rollout, advantages, cfg: GRPOConfig) -> 
         return [], norms, stats
     advantages, keep_seq = advantages.to(device), keep_seq.to(device)
     needs_old = cfg.train.num_iterations > 1 or L.tis_cap is not None
-    old_logp = score(model, packed, T, (S, width), autocast(cfg.model, device)) if needs_old else None
-    ref_logp = score(ref_model, packed, T, (S, width), autocast(cfg.model, device)) if L.beta else None
-    is_weights = None
-    if L.tis_cap is not None:
-        rollout_logp = torch.zeros(S, width)
-        for s, (p, lp) in enumerate(zip(rollout.prompt_ids, rollout.sampling_logp)):
-            rollout_logp[s, len(p) - 1: len(p) - 1 + len(lp)] = torch.tensor(lp)
-        is_weights = truncated_is_weights(old_logp, rollout_logp.to(device), cap=L.tis_cap)
-    return [MicroBatch(p, rows, cu_seqlens, real, advantages[p.seq_indices], keep_seq[p.seq_of_token[rows]].float(),
-                       *(None if x is None else p.gather(x)[rows] for x in (old_logp, ref_logp, is_weights)))
-            for p, rows, cu_seqlens, real in packed], norms, stats
+    old = score(model, packed, T, autocast(cfg.model, device)) if needs_old else [None] * len(packed)
+    ref = score(ref_model, packed, T, autocast(cfg.model, device)) if L.beta else [None] * len(packed)
+    micro_batches = []
+    for (p, rows, cu_seqlens, real), old_logp, ref_logp in zip(packed, old, ref):
+        is_weights = None
+        if L.tis_cap is not None:
+            is_weights = truncated_is_weights(old_logp, completion_values(p, rollout.sampling_logp), cap=L.tis_cap)
+        micro_batches.append(MicroBatch(p, rows, cu_seqlens, real, advantages[p.seq_indices],
+                                        keep_seq[p.seq_of_token[rows]].float(), old_logp, ref_logp, is_weights))
+    return micro_batches, norms, stats
 
 
 def update(model, optimizer, micro_batches: list[MicroBatch], loss_config, norms: dict, cfg: GRPOConfig) -> dict:
@@ -384,22 +378,46 @@ def rollout_metrics(rollout: Rollout, advantages, reward_names, G: int) -> dict:
     return metrics
 
 
-def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
-    """Run (or resume) the GRPO stage described by cfg; returns the per-step metrics (on every rank).
+@dataclass
+class Run:
+    """What a GRPO run holds from its start to its end."""
 
-    Under torchrun every rank runs this; rank 0 alone logs and writes the files outside a checkpoint's shards.
-    """
+    cfg: GRPOConfig
+    run_dir: Path
+    tokenizer: object
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    sampler: PromptSampler
+    generator: object
+    funcs: list
+    weights: list
+    reward_names: list[str]
+    judge: int | None  # the reward column dynamic sampling judges groups by
+    loss_config: object  # the loss op's (LossConfig.to_kernel)
+    logger: MetricsLogger | None  # rank 0's
+
+
+def check_inputs(cfg: GRPOConfig, world_size: int) -> None:
+    """Refuse, in one line each, what would fail later: the step's prompts not dividing over the ranks, a model
+    path that does not exist."""
+    if cfg.train.prompts_per_step % world_size:
+        raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of the number "
+                         f"of ranks ({world_size})")
+    check_model_path(cfg.model.path, "model.path")
+    if "reward_model" in cfg.rewards.funcs and cfg.rewards.reward_model:
+        check_model_path(cfg.rewards.reward_model, "rewards.reward_model")
+
+
+def start_run(cfg: GRPOConfig, reward_funcs=None) -> tuple[Run, dict]:
+    """The run's models, optimizer, prompts, rewards and generator, and its state: {"step", "bad_steps", "history"}
+    from the last checkpoint of log.run_dir, or a fresh start."""
     from transformers import AutoTokenizer
 
     device = init_distributed()
     rank, world_size = world()
-    if cfg.train.prompts_per_step % world_size:
-        raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of the number "
-                         f"of ranks ({world_size})")
+    check_inputs(cfg, world_size)
     run_dir = Path(cfg.log.run_dir)
-    check_model_path(cfg.model.path, "model.path")
-    if "reward_model" in cfg.rewards.funcs and cfg.rewards.reward_model:
-        check_model_path(cfg.rewards.reward_model, "rewards.reward_model")
     if rank == 0:
         lock_run_dir(run_dir)
     checkpoint = latest_checkpoint(run_dir)
@@ -410,66 +428,84 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
     ref_model = load_model(cfg.model, trainable=False, device=device) if cfg.loss.beta else None
     funcs, weights = make_rewards(cfg, reward_funcs, device)
     reward_names = [reward_name(f) for f in funcs]
-    judge = dynamic_sampling_column(cfg, reward_names)
     # fused: one kernel over all parameters, no parameter-sized temporaries (the default foreach path needs ~0.9x
     # the model's size on top, and is 10x slower on CPU: measured on a 180M-parameter model, 1.3 s vs 0.12 s)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   fused=True)
     sampler = make_sampler(cfg, tokenizer)
-
-    start, bad_steps, history = 0, 0, []
+    state = {"step": 0, "bad_steps": 0, "history": []}
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
-        start, bad_steps, history = state["step"], state["bad_steps"], state["history"]
         sampler.load_state(state["sampler"])
     generator = make_generator(cfg, model, tokenizer)
     if checkpoint is not None:
         generator.sync_weights()  # a resumed model differs from the files vLLM loaded
     logger = (MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project)
               if rank == 0 else None)
-    G = cfg.generation.num_generations
     loss_config = cfg.loss.to_kernel(cfg.generation.temperature, cfg.generation.max_completion_length)
+    return Run(cfg, run_dir, tokenizer, model, ref_model, optimizer, sampler, generator, funcs, weights,
+               reward_names, dynamic_sampling_column(cfg, reward_names), loss_config, logger), state
 
-    for step in tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="grpo",
-                     disable=None if rank == 0 else True):
-        timer = Timer()
-        with timer("generation"):
-            generator.wake()
-            rollout = collect_rollout(generator, sampler, tokenizer, funcs, weights, cfg, step, judge)
-            generator.sleep()
-        advantages = group_advantages(rollout.rewards, G, cfg.loss.advantage_scale)
-        lr = learning_rate(cfg.train, step)
-        for group in optimizer.param_groups:  # the config's values, also after a resume that changed them
-            group.update(lr=lr, weight_decay=cfg.train.weight_decay)
-        with timer("training"):
-            loss_metrics = optimize(model, ref_model, optimizer, rollout, advantages, loss_config, cfg)
-        with timer("weight_sync"):
-            generator.sync_weights()
-        if not loss_metrics["nothing_to_train"]:  # such a step neither ends nor extends a run of bad steps
-            bad_steps = bad_steps + 1 if loss_metrics["bad_updates"] == cfg.train.num_iterations else 0
-        completion_tokens = sum(len(c) for c in rollout.completion_ids)
-        metrics = {**rollout_metrics(rollout, advantages, reward_names, G), **loss_metrics, **timer.as_dict(),
-                   "tokens_per_s": completion_tokens / max(sum(timer.as_dict().values()), 1e-9),
-                   "peak_memory_mib": peak_memory_mib(), "data/skipped_long_prompts": sampler.skipped_long,
-                   "lr": lr}
-        if logger is not None:
-            logger.log(step, metrics)
-        history.append({"step": step, **metrics})
-        last = step + 1 == cfg.train.steps
-        if last or (step + 1) % cfg.log.save_every == 0 or bad_steps:
-            if not bad_steps:  # never overwrite the last good checkpoint with a state that went non-finite
-                save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer,
-                                state={"step": step + 1, "bad_steps": 0, "history": history,
-                                       "sampler": sampler.state()}, keep_last=cfg.log.keep_last)
-        if bad_steps >= cfg.train.max_bad_steps:
-            if logger is not None:
-                logger.close()
-            raise RunError(f"stopping: {bad_steps} consecutive steps with non-finite gradients; the last good "
-                               f"checkpoint is {latest_checkpoint(run_dir)}")
-    if logger is not None:
-        logger.close()
-    check_trained(history, bad_steps, cfg, run_dir)
-    return history
+
+def grpo_step(run: Run, step: int) -> dict:
+    """One step: rollout -> advantages -> prepare -> update -> the generator sees the new weights; its metrics."""
+    cfg, G = run.cfg, run.cfg.generation.num_generations
+    timer = Timer()
+    with timer("generation"):
+        run.generator.wake()
+        rollout = collect_rollout(run.generator, run.sampler, run.tokenizer, run.funcs, run.weights, cfg, step,
+                                  run.judge)
+        run.generator.sleep()
+    advantages = group_advantages(rollout.rewards, G, cfg.loss.advantage_scale)
+    lr = learning_rate(cfg.train, step)
+    for group in run.optimizer.param_groups:  # the config's values, also after a resume that changed them
+        group.update(lr=lr, weight_decay=cfg.train.weight_decay)
+    with timer("training"):
+        loss_metrics = optimize(run.model, run.ref_model, run.optimizer, rollout, advantages, run.loss_config, cfg)
+    with timer("weight_sync"):
+        run.generator.sync_weights()
+    completion_tokens = sum(len(c) for c in rollout.completion_ids)
+    return {**rollout_metrics(rollout, advantages, run.reward_names, G), **loss_metrics, **timer.as_dict(),
+            "tokens_per_s": completion_tokens / max(sum(timer.as_dict().values()), 1e-9),
+            "peak_memory_mib": peak_memory_mib(), "data/skipped_long_prompts": run.sampler.skipped_long, "lr": lr}
+
+
+def end_step(run: Run, step: int, state: dict) -> None:
+    """Save a checkpoint when one is due, unless the step went non-finite (the last good one stays); stop the run
+    after train.max_bad_steps such steps in a row."""
+    cfg, bad_steps = run.cfg, state["bad_steps"]
+    due = step + 1 == cfg.train.steps or (step + 1) % cfg.log.save_every == 0
+    if due and not bad_steps:
+        save_checkpoint(run.run_dir, step + 1, run.model, run.tokenizer, run.optimizer,
+                        state={"step": step + 1, "bad_steps": 0, "history": state["history"],
+                               "sampler": run.sampler.state()}, keep_last=cfg.log.keep_last)
+    if bad_steps >= cfg.train.max_bad_steps:
+        raise RunError(f"stopping: {bad_steps} consecutive steps with non-finite gradients; the last good "
+                       f"checkpoint is {latest_checkpoint(run.run_dir)}")
+
+
+def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
+    """Run (or resume) the GRPO stage described by cfg; returns the per-step metrics (on every rank).
+
+    Under torchrun every rank runs this; rank 0 alone logs and writes the files outside a checkpoint's shards.
+    """
+    run, state = start_run(cfg, reward_funcs)
+    try:
+        for step in tqdm(range(state["step"], cfg.train.steps), initial=state["step"], total=cfg.train.steps,
+                         desc="grpo", disable=None if world()[0] == 0 else True):
+            metrics = grpo_step(run, step)
+            if not metrics["nothing_to_train"]:  # such a step neither ends nor extends a run of bad steps
+                failed = metrics["bad_updates"] == cfg.train.num_iterations
+                state["bad_steps"] = state["bad_steps"] + 1 if failed else 0
+            if run.logger is not None:
+                run.logger.log(step, metrics)
+            state["history"].append({"step": step, **metrics})
+            end_step(run, step, state)
+    finally:
+        if run.logger is not None:
+            run.logger.close()
+    check_trained(state["history"], state["bad_steps"], cfg, run.run_dir)
+    return state["history"]
 
 
 def main(argv=None):

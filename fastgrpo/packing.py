@@ -17,7 +17,9 @@ longest sequence computes mostly padding; packing puts the k sequences of a micr
 Row t of a packed output is what the unpacked model computes at token t of its sequence, so it predicts token t+1:
 `packed.targets` holds that next token and `packed.loss_mask` the rows whose target is a completion token.
 Per-token tensors of the step in the per-sequence layout (S, T) in this same convention (entry [s, t] is about
-predicting token t+1 of sequence s) go in with `gather` and come back with `scatter_into` / `unpack`.
+predicting token t+1 of sequence s) go in with `gather` and come back with `scatter_into` / `unpack`; per-token
+values of the completions alone (one list per sequence, entry j about completion token j) go straight to the loss's
+completion rows with `completion_values`.
 
 Attention never crosses a sequence boundary:
 - a model running flash_attention_* (or on CUDA in fp16/bf16 with flash-attn installed) gets transformers'
@@ -223,6 +225,22 @@ def completion_rows(packed):
     counts = torch.bincount(torch.searchsorted(packed.cu_seqlens[1:], rows, right=True),
                             minlength=len(packed.seq_indices))  # (k,) completion tokens per sequence
     return rows, torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def completion_values(packed: PackedBatch, per_completion: list) -> torch.Tensor:
+    """Per-completion-token values of the step's sequences -> (n,) fp32 on the completion rows of `packed`, in
+    `completion_rows` order: the rollout's sampling log-probs, or per-token advantages.
+
+    per_completion[s][j] is about completion token j of sequence s, which the row before it predicts (row
+    prompt length + j - 1); the completion rows of a packed batch are its sequences' completion tokens in packed
+    order, so the values are those lists concatenated in seq_indices order.
+    """
+    values = torch.cat([torch.as_tensor(per_completion[s], dtype=torch.float32) for s in packed.seq_indices.tolist()])
+    rows = int(packed.loss_mask.sum())
+    if values.numel() != rows:
+        raise ValueError(f"{values.numel()} per-token values for the {rows} completion tokens of the micro-batch "
+                         f"(sequences {packed.seq_indices.tolist()}): one value per completion token is needed")
+    return values.to(packed.input_ids.device)
 
 
 def token_logprobs(logits: torch.Tensor, packed: PackedBatch, temperature: float = 1.0) -> torch.Tensor:

@@ -18,6 +18,7 @@ Built-ins, and the names `resolve_reward` knows them by (a name that is a class 
     "language_consistency"  language_consistency_reward   share of the CoT in the prompt's script (R1)
     "overlong"              OverlongPenalty               DAPO's soft overlong punishment
     "reward_model"          RewardModelReward             a sequence-classification checkpoint's score
+    "code"                  sandbox.CodeReward            the final Python block run against `tests` (sandboxed)
 
 `build_rewards` turns a RewardConfig into (functions, weights): the one factory GRPO, evaluation and rejection
 sampling use.
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .config import RewardConfig
+from .sandbox import CodeReward
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -77,31 +79,38 @@ def compute_rewards(funcs, weights, prompts, completions, completion_ids, column
 
     per_func = torch.empty(n, len(funcs), dtype=torch.float32)  # (N, F)
     for f, func in enumerate(funcs):
-        name = reward_name(func)
-        try:
-            out = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
-        except Exception as e:
-            raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {_one_line(e)}") from e
-        if not isinstance(out, (list, tuple)) and not (torch.is_tensor(out) and out.dim() == 1):
-            raise RewardError(f"reward function {name!r} returned a {type(out).__name__}, not a list of {n} values "
-                              f"(one per completion)")
-        if len(out) != n:
-            raise RewardError(f"reward function {name!r} returned {len(out)} values, expected {n}")
-        try:
-            per_func[:, f] = torch.tensor([math.nan if r is None else float(r) for r in out])
-        except (TypeError, ValueError) as e:
-            raise RewardError(f"reward function {name!r} returned a non-number: {_one_line(e)}") from e
-        # None is "not applicable" (NaN from here on); a NaN or infinity returned as a number is a broken reward,
-        # which would otherwise make every advantage of the step non-finite
-        bad = [(i, r) for i, r in enumerate(out) if r is not None and not math.isfinite(float(r))]
-        if bad:
-            raise RewardError(f"reward function {name!r} returned {float(bad[0][1])} for completion {bad[0][0]} "
-                              f"({len(bad)} of {n} values non-finite); return None for a completion it cannot score")
+        per_func[:, f] = _call(func, n, prompts=prompts, completions=completions, completion_ids=completion_ids,
+                               **kwargs)
 
     w = torch.tensor(weights, dtype=torch.float32)
     rewards = (per_func * w).nansum(dim=1)  # (N,)
     # nansum of an all-NaN row is 0, which would look like a real score; NaN lets the advantage op zero it.
     return rewards.masked_fill(per_func.isnan().all(dim=1), math.nan), per_func
+
+
+def _call(func, n: int, **kwargs) -> torch.Tensor:
+    """func's N scores (N,) float32, NaN for None; RewardError, naming func, for a raise or a malformed return."""
+    name = reward_name(func)
+    try:
+        out = func(**kwargs)
+    except Exception as e:
+        raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {_one_line(e)}") from e
+    if not isinstance(out, (list, tuple)) and not (torch.is_tensor(out) and out.dim() == 1):
+        raise RewardError(f"reward function {name!r} returned a {type(out).__name__}, not a list of {n} values "
+                          f"(one per completion)")
+    if len(out) != n:
+        raise RewardError(f"reward function {name!r} returned {len(out)} values, expected {n}")
+    try:
+        scores = torch.tensor([math.nan if r is None else float(r) for r in out], dtype=torch.float32)
+    except (TypeError, ValueError) as e:
+        raise RewardError(f"reward function {name!r} returned a non-number: {_one_line(e)}") from e
+    # None is "not applicable" (NaN from here on); a NaN or infinity returned as a number is a broken reward,
+    # which would otherwise make every advantage of the step non-finite
+    bad = [(i, r) for i, r in enumerate(out) if r is not None and not math.isfinite(float(r))]
+    if bad:
+        raise RewardError(f"reward function {name!r} returned {float(bad[0][1])} for completion {bad[0][0]} "
+                          f"({len(bad)} of {n} values non-finite); return None for a completion it cannot score")
+    return scores
 
 
 def _one_line(e: Exception) -> str:
@@ -444,6 +453,7 @@ BUILTINS = {
     "language_consistency": language_consistency_reward,
     "overlong": OverlongPenalty,
     "reward_model": RewardModelReward,
+    "code": CodeReward,
 }
 
 
@@ -482,7 +492,8 @@ def build_rewards(cfg: RewardConfig, *, funcs=None, device=None, max_completion_
     max_completion_length tokens.
 
     "reward_model" is the sequence-classification checkpoint cfg.reward_model, scoring on `device` (None: where it
-    loads, the CPU). rule_only leaves it out, with its weight: the rule rewards alone.
+    loads, the CPU). rule_only leaves it out, with its weight: the rule rewards alone. "code" runs the completions'
+    code in the sandbox cfg.code configures.
 
     >>> funcs, weights = build_rewards(RewardConfig(funcs=["accuracy"], weights=[2.0]), max_completion_length=64,
     ...                                overlong_buffer=16)
@@ -495,8 +506,8 @@ def build_rewards(cfg: RewardConfig, *, funcs=None, device=None, max_completion_
         if len(cfg.funcs) != len(cfg.weights):
             raise ValueError(f"rewards.funcs has {len(cfg.funcs)} entries but rewards.weights has {len(cfg.weights)}")
         named = [(n, w) for n, w in zip(cfg.funcs, cfg.weights) if not (rule_only and n == "reward_model")]
-        funcs = [RewardModelReward(cfg.reward_model, device=device) if name == "reward_model" else resolve_reward(name)
-                 for name, _ in named]
+        funcs = [RewardModelReward(cfg.reward_model, device=device) if name == "reward_model"
+                 else CodeReward(cfg.code) if name == "code" else resolve_reward(name) for name, _ in named]
         weights = [w for _, w in named]
     if overlong_buffer:
         funcs, weights = [*funcs, OverlongPenalty(max_completion_length, overlong_buffer)], [*weights, 1.0]

@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from fastgrpo.packing import (IGNORE_INDEX, VARLEN_SDPA, PackingStats, _sdpa_per_sequence, attention_implementation,
-                              pack, packed_backward, packed_forward, plan_micro_batches, token_logprobs)
+                              completion_rows, completion_values, pack, packed_backward, packed_forward, plan_micro_batches, token_logprobs)
 
 ATOL = 1e-5  # fp32; the packed and unpacked paths differ only in GEMM blocking
 LENGTHS = [1, 2, 7, 33, 64, 5, 17, 40, 12, 3]  # one single-token sequence: no target at all
@@ -116,6 +116,24 @@ def test_pack_layout_and_round_trips():
     valid = torch.arange(4) < lengths[:, None]
     assert torch.equal(back[valid], per_seq[valid])
     assert [t.shape[0] for t in p.unpack(rows)] == [4, 3, 1]
+
+
+def test_completion_values_land_on_the_rows_that_predict_them():
+    # sequences of prompt + completion; completion token j of sequence s is predicted by row prompt_len + j - 1
+    prompts, completions = [[1, 2], [3], [4, 5, 6]], [[7, 8, 9], [10, 11], [12]]
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    per_completion = [[float(100 * s + j) for j in range(len(c))] for s, c in enumerate(completions)]
+    p = pack(seqs, [2, 0, 1], prompt_lengths=[len(x) for x in prompts], pad_to_multiple_of=4)
+    rows, _ = completion_rows(p)
+    values = completion_values(p, per_completion)
+    # the same values through the (S, T) layout: entry [s, t] is about predicting token t + 1
+    per_seq = torch.zeros(3, 5)
+    for s, (prompt, vals) in enumerate(zip(prompts, per_completion)):
+        per_seq[s, len(prompt) - 1: len(prompt) - 1 + len(vals)] = torch.tensor(vals)
+    assert torch.equal(values, p.gather(per_seq)[rows])
+    assert torch.equal(p.targets[rows], torch.tensor([12, 7, 8, 9, 10, 11]))
+    with pytest.raises(ValueError, match="one value per completion token"):
+        completion_values(p, [v[:-1] for v in per_completion])
 
 
 # ----------------------------------------------------------------------------------------------------------
