@@ -4,7 +4,7 @@ Depends on torch and triton only. Every op takes backend=None ("triton" for CUDA
 or a backend named explicitly.
 """
 
-from .advantages import group_advantages
+from .advantages import group_advantages, process_advantages
 from .fused_linear import fused_linear_cross_entropy, fused_linear_grpo_loss, fused_linear_logprobs
 from .grpo_loss import GRPOLossConfig, grpo_loss, truncated_is_weights
 from .logprobs import selective_logprobs
@@ -18,6 +18,7 @@ __all__ = [
     "fused_linear_logprobs",
     "grpo_loss",
     "group_advantages",
+    "process_advantages",
     "selective_logprobs",
     "truncated_is_weights",
 ]

@@ -94,7 +94,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     Returns fp32 [B*G]. scale: "group" | "batch" | "none"; eps is added to the std.
 
     >>> group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), group_size=2, scale="none")
-    tensor([0.5000, -0.5000, 0.0000, 0.0000])
+    tensor([ 0.5000, -0.5000,  0.0000,  0.0000])
     """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
@@ -110,3 +110,65 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         SCALE={"none": 0, "group": 1, "batch": 2}[scale], BLOCK_G=triton.next_power_of_2(group_size),
     )
     return out
+
+
+def process_advantages(step_rewards: torch.Tensor, step_ends: torch.Tensor, steps_per_completion: torch.Tensor,
+                       completion_lengths: torch.Tensor, group_size: int, scale: str = "group",
+                       eps: float = 1e-4) -> torch.Tensor:
+    """Process-supervised advantages (DeepSeekMath 4.1.3): per-token, packed completion by completion.
+
+    step_rewards [M] fp (NaN: not scored), step_ends [M] long (the index, within its completion, of the step's last
+    token), steps_per_completion [S] long (the M steps are completion 0's, then completion 1's, ...; a completion may
+    have none), completion_lengths [S] long; S = B*G, group by group. Each group's valid step rewards are normalized
+    together, (r - mean) / scale with `scale` as in group_advantages ("group": their std, "batch": the std of every
+    valid step reward, "none"), zero where a group's valid rewards are all equal or NaN; then a token's advantage is
+    the sum of the normalized rewards of its completion's steps that end at or after it. Returns fp32
+    [sum(completion_lengths)]: completion 0's tokens, then completion 1's, ... (the packed layout's order).
+
+    Outcome supervision is the case of one step per completion ending at its last token.
+
+    >>> process_advantages(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0, 2, 1]), torch.tensor([2, 1]),
+    ...                    torch.tensor([3, 2]), group_size=2, scale="none")
+    tensor([ 0.3333, -0.3333, -0.3333, -0.3333, -0.3333])
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    S = completion_lengths.numel()
+    if group_size < 1 or S % group_size or steps_per_completion.numel() != S:
+        raise ValueError(f"{S} completions and {steps_per_completion.numel()} step counts for groups of {group_size}")
+    if step_rewards.shape != step_ends.shape or int(steps_per_completion.sum()) != step_rewards.numel():
+        raise ValueError(f"{step_rewards.numel()} step rewards and {step_ends.numel()} step ends for "
+                         f"{int(steps_per_completion.sum())} steps")
+    device = step_rewards.device
+    completion_of = torch.repeat_interleave(torch.arange(S, device=device), steps_per_completion.to(device))  # [M]
+    lengths = completion_lengths.to(device)
+    ends = step_ends.to(device)
+    if ((ends < 0) | (ends >= lengths[completion_of])).any():
+        raise ValueError("a step ends outside its completion (step_ends must lie in [0, completion length))")
+    normalized = _normalize_by_group(step_rewards.float(), completion_of // group_size, S // group_size, scale, eps)
+    starts = torch.cumsum(lengths, 0) - lengths  # [S]
+    at_end = torch.zeros(int(lengths.sum()), dtype=torch.float64, device=device)
+    at_end.index_add_(0, starts[completion_of] + ends, normalized.double())
+    # sum over the steps ending at or after each token: a reverse cumulative sum within each completion
+    suffix = at_end.flip(0).cumsum(0).flip(0)  # [N]: sum from each token to the end of the last completion
+    after = torch.cat([suffix, suffix.new_zeros(1)])[starts + lengths]  # [S]: what belongs to later completions
+    return (suffix - torch.repeat_interleave(after, lengths)).float()
+
+
+def _normalize_by_group(r: torch.Tensor, group: torch.Tensor, num_groups: int, scale: str, eps: float):
+    """r [M] -> (r - its group's mean) / scale over the valid entries of each group; 0 for NaN and constant groups."""
+    valid = ~torch.isnan(r)
+    zero = torch.zeros(num_groups, device=r.device)
+    n = zero.index_add(0, group, valid.float())
+    mean = zero.index_add(0, group, torch.where(valid, r, 0.0)) / n.clamp(min=1)
+    dev = torch.where(valid, r - mean[group], 0.0)
+    if scale == "group":
+        std = (zero.index_add(0, group, dev.square()) / (n - 1).clamp(min=1)).sqrt()
+        dev = dev / (std[group] + eps)
+    elif scale == "batch":
+        dev = dev / (_batch_std(r) + eps)
+    high = torch.full((num_groups,), float("-inf"), device=r.device).scatter_reduce(
+        0, group, r.masked_fill(~valid, float("-inf")), "amax")
+    low = torch.full((num_groups,), float("inf"), device=r.device).scatter_reduce(
+        0, group, r.masked_fill(~valid, float("inf")), "amin")
+    return torch.where((high - low)[group] > 0, dev, 0.0)
