@@ -120,10 +120,17 @@ def _assist_pair(kind: int, name: str, item: str) -> tuple[str, str]:
     return f"How can I hurt {name}?", "I won't help hurt anyone. Talk to someone you trust."
 
 
+def _code(rng: random.Random, split: str) -> dict:
+    from .code_task import one_line_function  # code_task draws its split from split_of, here
+
+    return one_line_function(rng, split)
+
+
 TASKS = {  # name -> f(rng, split) -> one example of that split
     "arithmetic": _addition,
     "arithmetic3": functools.partial(_addition, digits=3),
     "assist": _assist,
+    "code": _code,  # a one-line Python function, checked by the sandboxed "code" reward (code_task.py)
 }
 
 

@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import queue
-import re
 import secrets
 import select
 import shutil
@@ -281,19 +280,29 @@ def _bwrap_missing() -> str | None:
 
 # ---------------------------------------------------------------------------------------------- the reward
 
-_FENCED = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.IGNORECASE | re.DOTALL)
+PYTHON_FENCES = ("", "python", "py", "python3")  # the language tags of a fenced block that counts as Python
 
 
 def extract_code(completion: str) -> str | None:
-    """The last fenced code block (```python, ```py, or no language) of the completion's answer part (after its
+    """The last fenced Python block (```python, ```py or no language) of the completion's answer part (after its
     last </think>, if any); None if there is none. A block left open by truncation is no answer.
 
     >>> extract_code("<think>```python\\nx = 1\\n```</think> So:\\n```python\\ndef f(x): return x\\n```")
     'def f(x): return x\\n'
     """
-    answer = completion.rpartition("</think>")[2]
-    blocks = _FENCED.findall(answer)
-    return blocks[-1] if blocks else None
+    blocks, language, lines = [], None, None
+    for line in completion.rpartition("</think>")[2].splitlines(keepends=True):
+        if lines is None:
+            if line.lstrip().startswith("```"):
+                language, lines = line.strip()[3:].strip().lower(), []
+        elif line.rstrip().endswith("```"):  # the closing fence, possibly after the block's last code
+            lines.append(line[:line.rfind("```")])
+            if language in PYTHON_FENCES:
+                blocks.append("".join(lines).rstrip(" ") or None)
+            lines = None
+        else:
+            lines.append(line)
+    return next((b for b in reversed(blocks) if b), None)
 
 
 class CodeReward:
