@@ -7,6 +7,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="cpu"
 [ "${1:-}" = "--dev" ] && extras="cpu,dev"
+# The code reward runs a model's programs under bubblewrap (fastgrpo/sandbox.py); without it they run with resource
+# limits only. Installed where this script may (root with apt-get, as on CI); the package lists may be empty there.
+if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1; } || true
+fi
+command -v bwrap >/dev/null || echo "setup: bubblewrap (bwrap) is not installed: the code reward's programs will" \
+  "run with resource limits only (see the README's Configs section); install the bubblewrap package" >&2
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # No pip cache: on a fresh machine it would only hold a second copy of every download (CI once ran out of disk).
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir)
