@@ -1,9 +1,11 @@
 import doctest
 
+import torch
+
 from fastgrpo import code_task
 from fastgrpo.config import DataConfig, RewardConfig
 from fastgrpo.data import builtin_dataset, load_prompts, split_of
-from fastgrpo.rewards import build_rewards, compute_rewards
+from fastgrpo.rewards import build_rewards
 
 
 def test_doctests():
@@ -32,13 +34,12 @@ def test_the_tests_tell_every_problem_apart():
 
 def test_reference_solutions_pass_in_the_sandbox_and_wrong_ones_do_not():
     ds = load_prompts(DataConfig(source="builtin:code", num_examples=12, seed=0))
-    funcs, weights = build_rewards(RewardConfig(funcs=["code"], weights=[1.0]))
+    funcs, _ = build_rewards(RewardConfig(funcs=["code"], weights=[1.0]))
     try:
         right = list(ds["answer"])
         wrong = right[1:] + right[:1]  # each row given another row's solution
         texts = right + [w.replace("return x", "return -x") for w in right] + wrong
-        columns = {"tests": list(ds["tests"]) * 3}
-        rewards, _ = compute_rewards(funcs, weights, ["p"] * len(texts), texts, [[0]] * len(texts), columns)
+        rewards = torch.tensor(funcs[0](prompts=["p"] * len(texts), completions=texts, tests=list(ds["tests"]) * 3))
     finally:
         funcs[0].close()
     n = len(right)
