@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -110,6 +111,9 @@ class RewardConfig:
     weights: list[float] = field(default_factory=lambda: [1.0, 0.5])
     reward_model: str | None = None  # sequence-classification checkpoint for the "reward_model" function
     code: CodeConfig = field(default_factory=CodeConfig)  # the "code" reward (runs the completions' code)
+    # process supervision: a regex a decoded completion is cut after, into the steps that reward functions get as
+    # `steps` / `step_ends` and may score one by one (fastgrpo/steps.py); None: no steps are found
+    step_pattern: str | None = None
 
 
 @dataclass
@@ -209,7 +213,7 @@ def load_config(schema: type, path: str | Path | None = None, overrides: list[st
         cfg = OmegaConf.structured(schema)
         OmegaConf.set_struct(cfg, True)
         layers = [_read_yaml(path)] if path else []
-        cfg = OmegaConf.merge(cfg, *layers, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(cfg, *layers, *map(_override, overrides))
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
@@ -222,6 +226,16 @@ def load_config(schema: type, path: str | Path | None = None, overrides: list[st
         raise ConfigError(f"config error{where}: {prefix}{message}") from None
     _check_choices(cfg)
     return OmegaConf.to_object(cfg)
+
+
+def _override(item: str):
+    """One `key=value` override as a config layer; a value that is not YAML is a one-line ConfigError."""
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config error: the override '{item}' is not valid YAML ({problem}); a value with "
+                          f"backslashes goes in single quotes, key='a\\d'") from None
 
 
 def load_cli_config(schema: type, argv: list[str]):

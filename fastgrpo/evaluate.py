@@ -93,7 +93,7 @@ def evaluate_reasoning(generator, tokenizer, cfg: EvalConfig) -> dict:
     correct = accuracy_reward(prompts, texts, ids, answer=columns[cfg.data.answer_column])
     correct = [0.0 if c is None else c for c in correct]
     funcs, weights = build_rewards(cfg.rewards, rule_only=True)  # the reward model scores general prompts alone
-    rewards, _ = compute_rewards(funcs, weights, prompts, texts, ids, columns)
+    rewards = compute_rewards(funcs, weights, prompts, texts, ids, columns).rewards
     answers = [extract_answer(t) for t in texts]
     maj = [majority_correct(answers[i * k:(i + 1) * k], correct[i * k:(i + 1) * k]) for i in range(len(groups))]
     return {

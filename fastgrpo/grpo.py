@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastgrpo_kernels import fused_linear_grpo_loss, fused_linear_logprobs, group_advantages
+from fastgrpo_kernels import fused_linear_grpo_loss, fused_linear_logprobs, group_advantages, process_advantages
 from fastgrpo_kernels.grpo_loss import truncated_is_weights
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -37,8 +37,9 @@ from .models import load_model
 from .packing import (PackedBatch, PackingStats, completion_rows, completion_values, pack, packed_backward,
                       packed_hidden_states, plan_micro_batches)
 from .precision import autocast
-from .rewards import build_rewards, compute_rewards, reward_name
+from .rewards import Scores, build_rewards, compute_rewards, reward_name
 from .runs import RunError, check_model_path, command_line, lock_run_dir
+from .steps import compile_pattern, find_steps
 
 # ----------------------------------------------------------------------------------------------------------
 # Init
@@ -120,6 +121,9 @@ class Rollout:
     rewards: torch.Tensor  # (S,) weighted sum; NaN where no function applied
     per_func: torch.Tensor  # (S, F)
     refills: int = 0
+    # process supervision: per completion its weighted (token index, reward) steps (rewards.Scores.step_rewards);
+    # None: outcome rewards alone
+    step_rewards: list[list[tuple[int, float]]] | None = None
 
 
 def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: GRPOConfig, step: int,
@@ -138,13 +142,14 @@ def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: G
         mine, completions = generate_share(generator, batch, cfg, step * (cfg.train.max_refills + 1) + refills)
         keep = torch.zeros(0, dtype=torch.bool)
         if mine:
-            rewards, per_func = score_share(mine, completions, tokenizer, reward_funcs, weights, cfg)
+            rewards, per_func, steps = score_share(mine, completions, tokenizer, reward_funcs, weights, cfg)
             keep = torch.ones(len(mine), dtype=torch.bool)
             if cfg.train.dynamic_sampling and refills < cfg.train.max_refills:
                 keep = informative_groups(rewards, per_func, judge, G)  # DAPO: refill groups that teach nothing
             for i in keep.nonzero().squeeze(1).tolist():
                 rows = slice(i * G, (i + 1) * G)
-                parts.append(([mine[i][0]] * G, completions[rows], rewards[rows], per_func[rows]))
+                parts.append(([mine[i][0]] * G, completions[rows], rewards[rows], per_func[rows],
+                              None if steps is None else steps[rows]))
         kept += int(all_reduce_sum(float(keep.sum())))
         refills += 1
     return gather_rollout(parts, refills - 1)
@@ -173,24 +178,31 @@ def generate_share(generator, batch: list, cfg: GRPOConfig, round_index: int) ->
     return batch[lo:hi], [c for group in outputs[lo - group_lo: hi - group_lo] for c in group]
 
 
-def score_share(mine: list, completions: list, tokenizer, reward_funcs, weights, cfg: GRPOConfig):
-    """compute_rewards on this rank's prompts (each repeated G times) and their completions: (rewards, per_func)."""
+def score_share(mine: list, completions: list, tokenizer, reward_funcs, weights, cfg: GRPOConfig) -> Scores:
+    """compute_rewards on this rank's prompts (each repeated G times) and their completions, with their steps where
+    rewards.step_pattern is set."""
     G = cfg.generation.num_generations
     prompts = [ex[cfg.data.prompt_column] for _, ex in mine for _ in range(G)]
     columns = {k: [ex[k] for _, ex in mine for _ in range(G)] for k in mine[0][1]}
     columns.pop(cfg.data.prompt_column)
     texts = [decode(tokenizer, c.token_ids) for c in completions]
-    return compute_rewards(reward_funcs, weights, prompts, texts, [c.token_ids for c in completions], columns)
+    pattern = cfg.rewards.step_pattern
+    steps = None if pattern is None else [find_steps(tokenizer, c.token_ids, pattern) for c in completions]
+    return compute_rewards(reward_funcs, weights, prompts, texts, [c.token_ids for c in completions], columns,
+                           steps=steps)
 
 
 def gather_rollout(parts: list, refills: int) -> Rollout:
-    """Every rank's kept groups (parts: (prompt ids, completions, rewards, per_func) per group), rank by rank."""
+    """Every rank's kept groups (parts: (prompt ids, completions, rewards, per_func, step rewards or None) per
+    group), rank by rank."""
     parts = [part for rank_parts in all_gather_objects(parts) for part in rank_parts]
     prompt_ids = [p for part in parts for p in part[0]]
     completions = [c for part in parts for c in part[1]]
+    step_rewards = None if parts[0][4] is None else [s for part in parts for s in part[4]]
     return Rollout(prompt_ids, [c.token_ids for c in completions], [c.logprobs for c in completions],
                    torch.tensor([c.finish_reason == "length" for c in completions]),
-                   torch.cat([part[2] for part in parts]), torch.cat([part[3] for part in parts]), refills)
+                   torch.cat([part[2] for part in parts]), torch.cat([part[3] for part in parts]), refills,
+                   step_rewards)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,17 +224,32 @@ def score(model, micro_batches, temperature, precision) -> list[torch.Tensor]:
     return out
 
 
+def rollout_advantages(rollout: Rollout, cfg: GRPOConfig) -> torch.Tensor | list[torch.Tensor]:
+    """Group-normalized advantages: one per completion (S,), or with step rewards (process supervision) one per
+    completion token, a (L_s,) tensor for each completion."""
+    G, scale = cfg.generation.num_generations, cfg.loss.advantage_scale
+    if rollout.step_rewards is None:
+        return group_advantages(rollout.rewards, G, scale)
+    steps = rollout.step_rewards
+    lengths = [len(c) for c in rollout.completion_ids]
+    per_token = process_advantages(torch.tensor([r for s in steps for _, r in s], dtype=torch.float32),
+                                   torch.tensor([e for s in steps for e, _ in s], dtype=torch.long),
+                                   torch.tensor([len(s) for s in steps]), torch.tensor(lengths), G, scale)
+    return list(per_token.split(lengths))
+
+
 @dataclass
 class MicroBatch:
     """One of this rank's packed micro-batches with everything its updates read, on its n completion-token rows:
-    the sequences' advantages (k,), and the loss mask, old / reference log-probs and IS weights (n,) (None where the
-    step has none)."""
+    the sequences' advantages (k,) or, with process supervision, per-token ones (n,) (the other None), and the loss
+    mask, old / reference log-probs and IS weights (n,) (None where the step has none)."""
 
     packed: PackedBatch
     rows: torch.Tensor
     cu_seqlens: torch.Tensor
     real: bool  # False: a stand-in (sequence 0, weight 0), since every rank runs as many forwards as the others
-    advantages: torch.Tensor
+    advantages: torch.Tensor | None
+    token_advantages: torch.Tensor | None
     mask: torch.Tensor
     old_logp: torch.Tensor | None
     ref_logp: torch.Tensor | None
@@ -264,7 +291,8 @@ def prepare(model, ref_model, rollout: Rollout, advantages, cfg: GRPOConfig) -> 
     norms = {"num_items": num_items, "num_sequences": float(S), "num_batches": num_batches}
     if num_items == 0:
         return [], norms, stats
-    advantages, keep_seq = advantages.to(device), keep_seq.to(device)
+    keep_seq = keep_seq.to(device)
+    per_token = isinstance(advantages, list)
     needs_old = cfg.train.num_iterations > 1 or L.tis_cap is not None
     old = score(model, packed, T, autocast(cfg.model, device)) if needs_old else [None] * len(packed)
     ref = score(ref_model, packed, T, autocast(cfg.model, device)) if L.beta else [None] * len(packed)
@@ -273,8 +301,9 @@ def prepare(model, ref_model, rollout: Rollout, advantages, cfg: GRPOConfig) -> 
         is_weights = None
         if L.tis_cap is not None:
             is_weights = truncated_is_weights(old_logp, completion_values(p, rollout.sampling_logp), cap=L.tis_cap)
-        micro_batches.append(MicroBatch(p, rows, cu_seqlens, real, advantages[p.seq_indices],
-                                        keep_seq[p.seq_of_token[rows]].float(), old_logp, ref_logp, is_weights))
+        adv = (None, completion_values(p, advantages)) if per_token else (advantages.to(device)[p.seq_indices], None)
+        micro_batches.append(MicroBatch(p, rows, cu_seqlens, real, *adv, keep_seq[p.seq_of_token[rows]].float(),
+                                        old_logp, ref_logp, is_weights))
     return micro_batches, norms, stats
 
 
@@ -294,7 +323,8 @@ def update(model, optimizer, micro_batches: list[MicroBatch], loss_config, norms
                 hidden = packed_hidden_states(model, mb.packed)  # (N, H)
                 loss, metrics = fused_linear_grpo_loss(
                     hidden[mb.rows], head.weight, mb.packed.targets[mb.rows], mb.advantages, mb.mask, mb.old_logp,
-                    mb.ref_logp, loss_config, is_weights=mb.is_weights, cu_seqlens=mb.cu_seqlens, **norms)
+                    mb.ref_logp, loss_config, is_weights=mb.is_weights, cu_seqlens=mb.cu_seqlens,
+                    token_advantages=mb.token_advantages, **norms)
             if not mb.real:
                 loss = loss * 0.0
             packed_backward(model, loss)
@@ -360,8 +390,12 @@ def check_trained(history: list[dict], bad_steps: int, cfg: GRPOConfig, run_dir:
 
 
 def rollout_metrics(rollout: Rollout, advantages, reward_names, G: int) -> dict:
+    """The step's reward, advantage (per completion, or per token under process supervision), length and step
+    statistics."""
     lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
     valid = rollout.rewards[~rollout.rewards.isnan()]
+    if isinstance(advantages, list):
+        advantages = torch.cat(advantages)
     metrics = {
         "reward/mean": float(rollout.rewards.nanmean()),
         "reward/std": float(valid.std()) if valid.numel() > 1 else 0.0,
@@ -375,6 +409,12 @@ def rollout_metrics(rollout: Rollout, advantages, reward_names, G: int) -> dict:
     }
     for i, name in enumerate(reward_names):
         metrics[f"reward/{name}"] = float(rollout.per_func[:, i].nanmean())
+    if rollout.step_rewards is not None:
+        step_rewards = torch.tensor([r for s in rollout.step_rewards for _, r in s if r == r])
+        metrics.update({
+            "steps/per_completion_mean": sum(map(len, rollout.step_rewards)) / len(rollout.step_rewards),
+            "steps/reward_mean": float(step_rewards.mean()) if step_rewards.numel() else float("nan"),
+            "steps/reward_std": float(step_rewards.std()) if step_rewards.numel() > 1 else 0.0})
     return metrics
 
 
@@ -405,6 +445,8 @@ def check_inputs(cfg: GRPOConfig, world_size: int) -> None:
         raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of the number "
                          f"of ranks ({world_size})")
     check_model_path(cfg.model.path, "model.path")
+    if cfg.rewards.step_pattern is not None:
+        compile_pattern(cfg.rewards.step_pattern)
     if "reward_model" in cfg.rewards.funcs and cfg.rewards.reward_model:
         check_model_path(cfg.rewards.reward_model, "rewards.reward_model")
 
@@ -456,7 +498,7 @@ def grpo_step(run: Run, step: int) -> dict:
         rollout = collect_rollout(run.generator, run.sampler, run.tokenizer, run.funcs, run.weights, cfg, step,
                                   run.judge)
         run.generator.sleep()
-    advantages = group_advantages(rollout.rewards, G, cfg.loss.advantage_scale)
+    advantages = rollout_advantages(rollout, cfg)
     lr = learning_rate(cfg.train, step)
     for group in run.optimizer.param_groups:  # the config's values, also after a resume that changed them
         group.update(lr=lr, weight_decay=cfg.train.weight_decay)

@@ -14,6 +14,7 @@ reward functions therefore work unchanged.
 
 Built-ins, and the names `resolve_reward` knows them by (a name that is a class takes its options as kwargs):
     "accuracy"              accuracy_reward               math answer checked with math-verify against `answer`
+    "arithmetic_steps"      arithmetic_step_reward        each step of the built-in addition task, checked (process)
     "format"                FormatReward                  "<think>...</think>" then "Answer: ..."
     "language_consistency"  language_consistency_reward   share of the CoT in the prompt's script (R1)
     "overlong"              OverlongPenalty               DAPO's soft overlong punishment
@@ -32,11 +33,14 @@ import re
 import threading
 import unicodedata
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from .config import RewardConfig
 from .sandbox import CodeReward
+from .steps import merge as merge_steps
+from .steps import StepError, step_list
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -53,17 +57,27 @@ def reward_name(func) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
-def compute_rewards(funcs, weights, prompts, completions, completion_ids, columns, **trainer_kwargs):
+class Scores(NamedTuple):
+    """What compute_rewards returns for N completions of F reward functions."""
+
+    rewards: torch.Tensor  # (N,) float32: nansum_f(weight_f * per_func[:, f]); NaN where every function gave None
+    per_func: torch.Tensor  # (N, F) float32, NaN for None; a process function's: the mean of its step rewards
+    # None when every function scored outcomes; else per completion its weighted (token index, reward) steps of all
+    # functions merged (fastgrpo.steps.merge), an outcome reward being one step at the completion's last token
+    step_rewards: list[list[tuple[int, float]]] | None
+
+
+def compute_rewards(funcs, weights, prompts, completions, completion_ids, columns, steps=None,
+                    **trainer_kwargs) -> Scores:
     """Run every reward function on N completions and combine them.
 
     prompts, completions: N strings (or message lists); completion_ids: N lists of ints;
-    columns: dataset columns, each N values; trainer_kwargs: passed through unchanged (TRL's `trainer_state`,
-    `log_extra`, `log_metric`).
-    Returns (rewards (N,) float32 = nansum_f(weight_f * per_func[:, f]), NaN where every function returned None;
-             per_func (N, F) float32, NaN for None).
+    columns: dataset columns, each N values; steps: None, or N (step texts, step end token indices) pairs
+    (fastgrpo.steps.find_steps), given to the functions as `steps` and `step_ends`; trainer_kwargs: passed through
+    unchanged (TRL's `trainer_state`, `log_extra`, `log_metric`).
 
     >>> def one(completions, **kwargs): return [1.0] * len(completions)
-    >>> compute_rewards([one, one], [1.0, 0.5], ["p"], ["c"], [[5]], {})[0]
+    >>> compute_rewards([one, one], [1.0, 0.5], ["p"], ["c"], [[5]], {}).rewards
     tensor([1.5000])
     """
     if len(funcs) != len(weights):
@@ -76,20 +90,31 @@ def compute_rewards(funcs, weights, prompts, completions, completion_ids, column
         if len(values) != n:
             raise ValueError(f"column {key!r} has {len(values)} values, expected {n} (one per completion)")
     kwargs.update(trainer_kwargs)
+    if steps is not None:
+        kwargs.update(steps=[texts for texts, _ in steps], step_ends=[ends for _, ends in steps])
 
     per_func = torch.empty(n, len(funcs), dtype=torch.float32)  # (N, F)
+    per_step = []  # per function: None (outcomes only), or N step lists (None for a completion scored as outcome)
     for f, func in enumerate(funcs):
-        per_func[:, f] = _call(func, n, prompts=prompts, completions=completions, completion_ids=completion_ids,
-                               **kwargs)
+        per_func[:, f], func_steps = _call(func, n, prompts=prompts, completions=completions,
+                                           completion_ids=completion_ids, **kwargs)
+        per_step.append(func_steps)
 
     w = torch.tensor(weights, dtype=torch.float32)
     rewards = (per_func * w).nansum(dim=1)  # (N,)
     # nansum of an all-NaN row is 0, which would look like a real score; NaN lets the advantage op zero it.
-    return rewards.masked_fill(per_func.isnan().all(dim=1), math.nan), per_func
+    rewards = rewards.masked_fill(per_func.isnan().all(dim=1), math.nan)
+    if all(s is None for s in per_step):
+        return Scores(rewards, per_func, None)
+    return Scores(rewards, per_func, [merge_steps(
+        [(s[i] if s is not None and s[i] is not None else [(len(ids) - 1, float(per_func[i, f]))])
+         for f, s in enumerate(per_step)], weights) for i, ids in enumerate(completion_ids)])
 
 
-def _call(func, n: int, **kwargs) -> torch.Tensor:
-    """func's N scores (N,) float32, NaN for None; RewardError, naming func, for a raise or a malformed return."""
+def _call(func, n: int, **kwargs) -> tuple[torch.Tensor, list | None]:
+    """func's N scores (N,) float32 (NaN for None; a completion's step rewards: their mean), and its N step lists
+    (None: it scored outcomes only; a completion's entry None: scored as an outcome). RewardError, naming func,
+    for a raise or a malformed return."""
     name = reward_name(func)
     try:
         out = func(**kwargs)
@@ -101,16 +126,29 @@ def _call(func, n: int, **kwargs) -> torch.Tensor:
     if len(out) != n:
         raise RewardError(f"reward function {name!r} returned {len(out)} values, expected {n}")
     try:
-        scores = torch.tensor([math.nan if r is None else float(r) for r in out], dtype=torch.float32)
+        step_ends = kwargs.get("step_ends")
+        steps = [step_list(r, len(ids), None if step_ends is None else step_ends[i])
+                 for i, (r, ids) in enumerate(zip(out, kwargs["completion_ids"]))]
+        values = [_mean_step(s) if s is not None else math.nan if r is None else float(r) for r, s in zip(out, steps)]
+    except StepError as e:
+        raise RewardError(f"reward function {name!r} {e}") from e
     except (TypeError, ValueError) as e:
         raise RewardError(f"reward function {name!r} returned a non-number: {_one_line(e)}") from e
     # None is "not applicable" (NaN from here on); a NaN or infinity returned as a number is a broken reward,
     # which would otherwise make every advantage of the step non-finite
-    bad = [(i, r) for i, r in enumerate(out) if r is not None and not math.isfinite(float(r))]
+    returned = [(i, r) for i, (r, s) in enumerate(zip(out, steps)) if s is None and r is not None]
+    returned += [(i, r) for i, s in enumerate(steps) if s is not None for _, r in s if not math.isnan(r)]
+    bad = [(i, r) for i, r in returned if not math.isfinite(float(r))]
     if bad:
+        total = sum(1 if s is None else len(s) for s in steps)
         raise RewardError(f"reward function {name!r} returned {float(bad[0][1])} for completion {bad[0][0]} "
-                          f"({len(bad)} of {n} values non-finite); return None for a completion it cannot score")
-    return scores
+                          f"({len(bad)} of {total} values non-finite); return None for a completion it cannot score")
+    return torch.tensor(values, dtype=torch.float32), None if all(s is None for s in steps) else steps
+
+
+def _mean_step(steps: list[tuple[int, float]]) -> float:
+    scored = [r for _, r in steps if not math.isnan(r)]
+    return sum(scored) / len(scored) if scored else math.nan
 
 
 def _one_line(e: Exception) -> str:
@@ -225,6 +263,53 @@ def accuracy_reward(prompts, completions, completion_ids=None, answer=None, **kw
             parsed = parse(_as_math(pred), parsing_timeout=parse_s)
             rewards.append(float(verify(golds[ref], parsed, timeout_seconds=verify_s)))
     return rewards
+
+
+_COLUMN_STEP = re.compile(r"(\d)\+(\d)(\+1)?=(\d+)")
+_ADDITION = re.compile(r"(\d+)\+(\d+)=")
+# the built-in addition task's steps: a space between two columns' equations, and the end of the reasoning
+ARITHMETIC_STEP_PATTERN = r"(?<=\d) (?=\d)|</think>"
+
+
+def arithmetic_step_reward(prompts, completions, steps=None, answer=None, **kwargs):
+    """Process reward for the built-in addition task, checked by rule: for each step (the `steps` kwarg, with
+    rewards.step_pattern = ARITHMETIC_STEP_PATTERN), 1.0 if it is right, 0.0 if wrong, None if it is neither a
+    column step nor the answer. The k-th column step ("x+y=s", "+1" for a carry in) is right when it adds the k-th
+    digits of the problem (from the right) with the carry the true sum has there; the answer step is judged by
+    accuracy_reward. A prompt that is not an addition "a+b=" gets None for every step.
+
+    >>> arithmetic_step_reward(["47+38="], ["-"], steps=[["<think>7+8=15 ", "4+3=7</think>", "Answer: 85"]],
+    ...                        answer=["85"])
+    [[1.0, 0.0, 1.0]]
+    """
+    steps = _need("steps", steps, "arithmetic_step_reward (set rewards.step_pattern)")
+    answer = _need("answer", answer, "arithmetic_step_reward")
+    out = []
+    for prompt, completion_steps, ref in zip(prompts, steps, answer, strict=True):
+        problem = _ADDITION.search(_text(prompt))
+        if problem is None:
+            out.append([None] * len(completion_steps))
+            continue
+        a, b = problem.groups()
+        width = max(len(a), len(b))
+        columns, carry = [], 0  # the true (x, y, carry in, sum) of each column, from the right
+        for x, y in zip(reversed(a.zfill(width)), reversed(b.zfill(width))):
+            columns.append((x, y, carry, int(x) + int(y) + carry))
+            carry = columns[-1][3] // 10
+        rewards, k = [], 0
+        for step in completion_steps:
+            column = _COLUMN_STEP.search(step)
+            if column is not None:
+                x, y, plus, total = column.groups()
+                right = k < len(columns) and (x, y, int(plus is not None), int(total)) == columns[k]
+                rewards.append(float(right))
+                k += 1
+            elif _ANSWER_LINE.search(step):
+                rewards.append(accuracy_reward([prompt], [step], answer=[ref])[0])
+            else:
+                rewards.append(None)
+        out.append(rewards)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- format
@@ -449,6 +534,7 @@ class RewardModelReward:
 
 BUILTINS = {
     "accuracy": accuracy_reward,
+    "arithmetic_steps": arithmetic_step_reward,
     "format": FormatReward,
     "language_consistency": language_consistency_reward,
     "overlong": OverlongPenalty,

@@ -173,6 +173,14 @@ def digits(completions, **kwargs):
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
+def digit_steps(steps, **kwargs):
+    """Process supervision: each step's share of digit characters."""
+    return [[sum(ch.isdigit() for ch in step) / len(step) for step in completion] for completion in steps]
+
+
+PROCESS = "rewards.step_pattern='[aeiou]'"  # with it a job is scored by digit_steps and digits: process supervision
+
+
 GRPO_ARGS = [
     "log.tensorboard=false", "log.save_every=1", "log.keep_last=3", "data.num_examples=64",
     "data.max_prompt_length=32", "generation.backend=hf", "generation.num_generations=4",
@@ -198,15 +206,16 @@ def run_job(model_dir: str, work: Path, job: str) -> list[dict]:
     backend = [r for r in rest if "=" not in r]
     common = [f"model.path={model_dir}", f"log.run_dir={work / f'{trainer}-{run}'}", f"train.steps={steps}",
               *(r for r in rest if "=" in r)]
+    funcs = [digit_steps, digits] if PROCESS in rest else [digits]
     if trainer == "sft":
         return sft.train(load_config(sft.SFTConfig, None, [*SFT_ARGS, *common]))
     if backend:
         return grpo.train(load_config(GRPOConfig, None, [*GRPO_ARGS, *common, f"generation.backend={backend[0]}",
-                                                         "generation.kv_cache_gib=0.05"]), reward_funcs=[digits])
+                                                         "generation.kv_cache_gib=0.05"]), reward_funcs=funcs)
     real = grpo.make_generator
     grpo.make_generator = lambda cfg, model, tokenizer: ScriptedGenerator(len(tokenizer))
     try:
-        return grpo.train(load_config(GRPOConfig, None, [*GRPO_ARGS, *common]), reward_funcs=[digits])
+        return grpo.train(load_config(GRPOConfig, None, [*GRPO_ARGS, *common]), reward_funcs=funcs)
     finally:
         grpo.make_generator = real
 
@@ -353,12 +362,13 @@ def test_trainers_on_one_and_two_ranks_and_resume_across_world_sizes(tmp_path, m
     model, work = build_tiny_model(tmp_path / "model", hidden=64, intermediate=128, layers=2), tmp_path / "runs"
     ckpt = lambda run, step: work / run / "checkpoints" / f"step-{step:08d}"  # noqa: E731
 
-    one = _run([], "train", [model, work, "grpo:a:2", "sft:a:2"], tmp_path, "one")
+    process = f"grpo:process:2:{PROCESS}"
+    one = _run([], "train", [model, work, "grpo:a:2", "sft:a:2", process], tmp_path, "one")
     for trainer in ("grpo", "sft"):
         _seed_from(work / f"{trainer}-a", work / f"{trainer}-c", step=1)
     mixed = "grpo:mixed:1:hf:model.dtype=bfloat16:train.lr=1e-6:train.weight_decay=0"
-    two = _run(TORCHRUN, "train", [model, work, "grpo:b:1", "grpo:c:2", "sft:b:1", "sft:c:2", "grpo:hf:1:hf", mixed],
-               tmp_path, "two")
+    two = _run(TORCHRUN, "train", [model, work, "grpo:b:1", "grpo:c:2", "sft:b:1", "sft:c:2", "grpo:hf:1:hf", mixed,
+                                   process.replace(":process:", ":process2:")], tmp_path, "two")
     # A DCP .metadata pickle planted beside the optimizer slices that "back" resumes from: nothing reads it.
     marker = tmp_path / "pwned"
     for trainer in ("grpo", "sft"):
@@ -384,6 +394,10 @@ def test_trainers_on_one_and_two_ranks_and_resume_across_world_sizes(tmp_path, m
         load_checkpoint(sharded, exported, optimizer)  # the 2 ranks' optimizer slices, resharded without a pickle
         monkeypatch.undo()
     assert any(h["rollout/refills"] > 0 for h in one["grpo:a:2"])  # the lockstep refill rounds were exercised
+    # process supervision: per-token advantages over packed micro-batches on 2 ranks give the 1-rank steps
+    _same_steps(two[process.replace(":process:", ":process2:")], one[process], GRPO_KEYS, "process: 2 ranks")
+    _same_weights(ckpt("grpo-process2", 2), ckpt("grpo-process", 2))
+    assert all(h["steps/per_completion_mean"] > 1 for h in one[process])
     (hf_step,) = two["grpo:hf:1:hf"]
     for key in ("reward/mean", "loss/entropy", "grad_norm", "completion/length_mean"):
         assert torch.isfinite(torch.tensor(hf_step[key])), key

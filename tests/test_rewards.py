@@ -134,7 +134,7 @@ def _constant(values):
 
 def test_compute_rewards_weights_and_none():
     funcs = [_constant([1.0, None, None, 0.0]), _constant([0.5, 2.0, None, None])]
-    total, per_func = compute_rewards(funcs, [1.0, 0.5], ["p"] * 4, ["c"] * 4, [[1]] * 4, {})
+    total, per_func, _ = compute_rewards(funcs, [1.0, 0.5], ["p"] * 4, ["c"] * 4, [[1]] * 4, {})
     assert per_func.shape == (4, 2) and per_func.dtype == torch.float32 and total.dtype == torch.float32
     assert per_func.isnan().tolist() == [[False, False], [True, False], [True, True], [False, True]]
     assert total[[0, 1, 3]].tolist() == [1.25, 1.0, 0.0] and math.isnan(total[2])
@@ -162,7 +162,7 @@ def test_non_finite_rewards_are_rejected_by_name(value):
     with pytest.raises(RewardError, match=rf"^reward function 'constant' returned {value} for completion 1 \(1 of 3 "
                                           r"values non-finite\); return None"):
         compute_rewards([_constant([1.0, value, None])], [1.0], ["p"] * 3, ["c"] * 3, [[1]] * 3, {})
-    total, _ = compute_rewards([_constant([1.0, None, None])], [1.0], ["p"] * 3, ["c"] * 3, [[1]] * 3, {})
+    total, _, _ = compute_rewards([_constant([1.0, None, None])], [1.0], ["p"] * 3, ["c"] * 3, [[1]] * 3, {})
     assert math.isnan(total[1])  # None stays "not applicable"
 
 
@@ -190,7 +190,7 @@ def test_trl_style_function_unchanged():
     completions = [[{"role": "assistant", "content": "<think>\n1+1\n</think>\n<answer>\n2\n</answer>"}],
                    [{"role": "assistant", "content": "2"}]]
     columns = {"prompt": prompts, "solution": ["2", "2"]}
-    total, per_func = compute_rewards([format_reward_open_r1, spy], [1.0, 1.0], prompts, completions, [[7], [8]],
+    total, per_func, _ = compute_rewards([format_reward_open_r1, spy], [1.0, 1.0], prompts, completions, [[7], [8]],
                                       columns, trainer_state="state")
     assert total.tolist() == [1.0, 0.0]
     assert seen == {"solution": ["2", "2"], "trainer_state": "state", "ids": [[7], [8]], "keys": set()}
