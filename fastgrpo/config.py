@@ -110,6 +110,8 @@ class RewardConfig:
     funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])  # built-in names or module:function
     weights: list[float] = field(default_factory=lambda: [1.0, 0.5])
     reward_model: str | None = None  # sequence-classification checkpoint for the "reward_model" function
+    # token-classification checkpoint (fastgrpo.prm) for the "process_reward_model" function; needs step_pattern
+    process_reward_model: str | None = None
     code: CodeConfig = field(default_factory=CodeConfig)  # the "code" reward (runs the completions' code)
     # process supervision: a regex a decoded completion is cut after, into the steps that reward functions get as
     # `steps` / `step_ends` and may score one by one (fastgrpo/steps.py); None: no steps are found

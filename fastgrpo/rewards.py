@@ -19,6 +19,7 @@ Built-ins, and the names `resolve_reward` knows them by (a name that is a class 
     "language_consistency"  language_consistency_reward   share of the CoT in the prompt's script (R1)
     "overlong"              OverlongPenalty               DAPO's soft overlong punishment
     "reward_model"          RewardModelReward             a sequence-classification checkpoint's score
+    "process_reward_model"  prm.ProcessRewardModelReward  a process reward model's score of each step (process)
     "code"                  sandbox.CodeReward            the final Python block run against `tests` (sandboxed)
 
 `build_rewards` turns a RewardConfig into (functions, weights): the one factory GRPO, evaluation and rejection
@@ -38,6 +39,7 @@ from typing import NamedTuple
 import torch
 
 from .config import RewardConfig
+from .prm import ProcessRewardModelReward
 from .sandbox import CodeReward
 from .steps import merge as merge_steps
 from .steps import StepError, step_list
@@ -539,6 +541,7 @@ BUILTINS = {
     "language_consistency": language_consistency_reward,
     "overlong": OverlongPenalty,
     "reward_model": RewardModelReward,
+    "process_reward_model": ProcessRewardModelReward,
     "code": CodeReward,
 }
 
@@ -578,8 +581,9 @@ def build_rewards(cfg: RewardConfig, *, funcs=None, device=None, max_completion_
     max_completion_length tokens.
 
     "reward_model" is the sequence-classification checkpoint cfg.reward_model, scoring on `device` (None: where it
-    loads, the CPU). rule_only leaves it out, with its weight: the rule rewards alone. "code" runs the completions'
-    code in the sandbox cfg.code configures.
+    loads, the CPU); "process_reward_model" the token-classification checkpoint cfg.process_reward_model, likewise.
+    rule_only leaves both out, with their weights: the rule rewards alone. "code" runs the completions' code in the
+    sandbox cfg.code configures.
 
     >>> funcs, weights = build_rewards(RewardConfig(funcs=["accuracy"], weights=[2.0]), max_completion_length=64,
     ...                                overlong_buffer=16)
@@ -591,8 +595,11 @@ def build_rewards(cfg: RewardConfig, *, funcs=None, device=None, max_completion_
     else:
         if len(cfg.funcs) != len(cfg.weights):
             raise ValueError(f"rewards.funcs has {len(cfg.funcs)} entries but rewards.weights has {len(cfg.weights)}")
-        named = [(n, w) for n, w in zip(cfg.funcs, cfg.weights) if not (rule_only and n == "reward_model")]
+        learned = ("reward_model", "process_reward_model")
+        named = [(n, w) for n, w in zip(cfg.funcs, cfg.weights) if not (rule_only and n in learned)]
         funcs = [RewardModelReward(cfg.reward_model, device=device) if name == "reward_model"
+                 else ProcessRewardModelReward(cfg.process_reward_model, device=device)
+                 if name == "process_reward_model"
                  else CodeReward(cfg.code) if name == "code" else resolve_reward(name) for name, _ in named]
         weights = [w for _, w in named]
     if overlong_buffer:
