@@ -321,25 +321,31 @@ class CodeReward:
         self.cfg = cfg or CodeConfig()
         if self.cfg.scoring not in ("fraction", "all"):
             raise ValueError(f"rewards.code.scoring must be 'fraction' or 'all', got {self.cfg.scoring!r}")
+        if self.cfg.isolation not in ("auto", "bwrap"):
+            raise ValueError(f"rewards.code.isolation must be 'auto' or 'bwrap', got {self.cfg.isolation!r}")
         self.sandbox: Sandbox | None = None
 
     def __call__(self, prompts, completions, completion_ids=None, tests=None, **kwargs):
         if tests is None:
             raise ValueError("code_reward needs the dataset column 'tests', which the batch does not have")
-        rows = [i for i, t in enumerate(tests) if t is not None]
-        programs, scored = [], []
-        for i in rows:
+        # A group's G completions often hold the same program (more so as the policy converges): each distinct
+        # (program, tests) runs once per call.
+        programs, rows_of = {}, {}
+        for i, t in enumerate(tests):
             text = completions[i] if isinstance(completions[i], str) else completions[i][-1]["content"]
-            code = extract_code(text)
+            code = None if t is None else extract_code(text)
             if code is not None:
-                programs.append(Program(code, as_tests(tests[i])))
-                scored.append(i)
+                program = Program(code, as_tests(t))
+                key = json.dumps([program.code, program.tests])
+                programs.setdefault(key, program)
+                rows_of.setdefault(key, []).append(i)
         rewards = [None if t is None else 0.0 for t in tests]
         if programs:
             if self.sandbox is None:
                 self.sandbox = Sandbox(self.cfg)
-            for i, result in zip(scored, self.sandbox.run(programs), strict=True):
-                rewards[i] = result.score(self.cfg.scoring)
+            for key, result in zip(programs, self.sandbox.run(list(programs.values())), strict=True):
+                for i in rows_of[key]:
+                    rewards[i] = result.score(self.cfg.scoring)
         return rewards
 
     def close(self) -> None:

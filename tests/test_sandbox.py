@@ -112,7 +112,9 @@ def test_programs_run_in_parallel_on_the_pool():
 
 def test_a_lost_worker_is_replaced():
     with Sandbox(CodeConfig(workers=1)) as box:
-        os.killpg(box._workers[0].proc.pid, 9)
+        worker = box._workers[0]
+        os.killpg(worker.proc.pid, 9)
+        assert os.read(worker.proc.stdout.fileno(), 1) == b""  # end of file: the worker itself is gone too
         lost = box.run([Program(SOLUTION, TESTS)])
         again = box.run([Program(SOLUTION, TESTS)])
     assert lost == [Result([False, False], "worker lost")]
@@ -188,3 +190,13 @@ def test_a_socket_connect_to_localhost(reward):
     finally:
         server.close()
     assert value == 0.0 and seconds < TIMEOUT_S + 2
+
+
+def test_a_program_repeated_in_a_batch_runs_once(reward, monkeypatch):
+    runs = []
+    real_run = reward.sandbox.run
+    monkeypatch.setattr(reward.sandbox, "run", lambda programs: runs.append(len(programs)) or real_run(programs))
+    same, other = f"```python\n{SOLUTION}```", "```python\ndef f(x):\n    return 0\n```"
+    out = reward(prompts=["p"] * 5, completions=[same, same, other, same, same],
+                 tests=[TESTS, TESTS, TESTS, TESTS, ["assert f(5) == 6"]])
+    assert out == [1.0, 1.0, 0.5, 1.0, 1.0] and runs == [3]
