@@ -1,6 +1,8 @@
 """Executions per second of trivial programs: the code reward's worker pool vs one fresh interpreter per program.
 
-    python bench/bench_sandbox.py [--rounds 3] [--pool-programs 600] [--fresh-programs 120] [--out bench/SANDBOX.md]
+    python bench/bench_sandbox.py [--rounds 3] [--pool-programs 600] [--fresh-programs 120]
+
+It prints a markdown table (bench/SANDBOX.md quotes one, beside the other sandbox measurements).
 
 Every program is `def f(x): return x + 1` with one assert, run on all usable cores at once (one thread per core, as
 the pool's own). Three ways, taking turns round by round in this one process so that a loaded machine slows all alike:
@@ -54,12 +56,12 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pool-programs", type=int, default=600)
     parser.add_argument("--fresh-programs", type=int, default=120)
-    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     missing = sandbox._bwrap_missing()
     if missing:
         raise SystemExit(f"bench_sandbox: bubblewrap is not usable here ({missing})")
     cores = len(os.sched_getaffinity(0))
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     box = Sandbox(CodeConfig(isolation="bwrap"))
     start_s = time.perf_counter() - start
@@ -73,10 +75,9 @@ def main(argv=None) -> None:
                 rates[way].append(per_second(run_all, n))
     finally:
         box.close()
-    report = render(rates, ways, args, cores, box.num_workers, start_s)
+    load = (load_before, os.getloadavg()[0])
+    report = render(rates, ways, args, cores, box.num_workers, start_s, load)
     print(report)
-    if args.out:
-        Path(args.out).write_text(report)
 
 
 def _check(results) -> None:
@@ -84,7 +85,7 @@ def _check(results) -> None:
     assert not bad, f"{len(bad)} trivial programs failed in the pool: {bad[0]}"
 
 
-def render(rates, ways, args, cores, workers, start_s) -> str:
+def render(rates, ways, args, cores, workers, start_s, load) -> str:
     env = environment()
     lines = [f"| way | programs per round | executions/s (median of {args.rounds}) | min - max | vs fresh bwrap |",
              "|---|---|---|---|---|"]
@@ -95,13 +96,12 @@ def render(rates, ways, args, cores, workers, start_s) -> str:
                      f"{median / base:.1f}x |")
     machine = ", ".join(f"{k}: {v}" for k, v in env.items() if k in ("cpu", "cores", "python", "commit", "torch"))
     return "\n".join([
-        "# Sandbox: executions per second",
-        "",
         f"`python bench/bench_sandbox.py --rounds {args.rounds} --pool-programs {args.pool_programs} "
-        f"--fresh-programs {args.fresh_programs} --out bench/SANDBOX.md`",
+        f"--fresh-programs {args.fresh_programs}`",
         "",
         f"Trivial programs (`{CODE.strip()}` and one assert), {cores} usable cores, {workers} pool workers "
-        f"(started in {start_s:.2f} s), the three ways taking turns round by round in one process. Machine: {machine}.",
+        f"(started in {start_s:.2f} s), the three ways taking turns round by round in one process. Machine: {machine}; "
+        f"1-minute load average {load[0]:.1f} before, {load[1]:.1f} after (other work shares these cores).",
         "",
         *lines,
         "",
