@@ -69,7 +69,7 @@ class Result:
         return float(all(self.passed)) if scoring == "all" else sum(self.passed) / len(self.passed)
 
 
-def test_kind(tests: list) -> str:
+def kind_of(tests: list) -> str:
     """"assert" for a list of statements, "stdio" for a list of (stdin, stdout) pairs; else a ValueError."""
     if all(isinstance(t, str) for t in tests):
         return "assert"
@@ -130,7 +130,7 @@ class Sandbox:
     def _run_one(self, program: Program) -> Result:
         if not program.tests:
             return Result([], "no tests")
-        job = {"code": program.code, "tests": program.tests, "kind": test_kind(program.tests),
+        job = {"code": program.code, "tests": program.tests, "kind": kind_of(program.tests),
                "nonce": secrets.token_hex(8)}
         worker = self._idle.get()
         try:

@@ -151,8 +151,9 @@ def _run_child(jobdir, settings, deadline, stdin, results, harness):
 
 
 def _enter_child(jobdir, settings, stdin, results):
-    """In the forked child: a process group of its own (setsid would cost ~1.6 ms here), the job directory as cwd, stdin / stdout / stderr / results on fds 0-3 and
-    no other descriptor of the worker's, the resource limits, then the unprivileged uid."""
+    """In the forked child: a process group of its own (setsid would cost ~1.6 ms here), the job directory as cwd,
+    stdin / stdout / stderr / results on fds 0-3 and no other descriptor of the worker's, the resource limits, then
+    the unprivileged uid."""
     os.setpgid(0, 0)
     os.chdir(jobdir)
     fds = [os.open(stdin or os.devnull, os.O_RDONLY),
