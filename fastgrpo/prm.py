@@ -199,7 +199,10 @@ def load_rows(cfg: PRMDataConfig, split: str) -> list[dict]:
     rows = [{"prompt": p, "steps": s, "labels": l} for p, s, l in zip(*(ds[c] for c in columns))]
     for i, row in enumerate(rows):
         check_row(row, i, cfg.source)
-    cut = max(len(rows) - cfg.eval_examples, 0)
+    cut = len(rows) - cfg.eval_examples
+    if cut <= 0:
+        raise ValueError(f"dataset {cfg.source!r} has {len(rows)} rows, all held out by "
+                         f"data.eval_examples={cfg.eval_examples}: nothing is left to train on")
     return rows[cut:] if split == "eval" else rows[:cut]
 
 
@@ -294,13 +297,28 @@ def step_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
             "positive_rate": share, "majority_accuracy": max(share, 1 - share), "steps": len(labels)}
 
 
+def position_prior_auc(train_chains: list[Chain], chains: list[Chain]) -> float:
+    """The AUC on `chains` of scoring each step by the share of right training steps at its index alone: what a
+    model that learned where mistakes tend to be, and nothing of the steps' content, would reach."""
+    by_index: dict[int, list[float]] = {}
+    for c in train_chains:
+        for k, x in enumerate(c.labels):
+            if not math.isnan(x):
+                by_index.setdefault(k, []).append(float(x >= 0.5))
+    prior = {k: sum(v) / len(v) for k, v in by_index.items()}
+    steps = [(prior.get(k, 0.5), x) for c in chains for k, x in enumerate(c.labels) if not math.isnan(x)]
+    return auc(torch.tensor([s for s, _ in steps]), torch.tensor([x >= 0.5 for _, x in steps]))
+
+
 @torch.no_grad()
-def evaluate(model, chains: list[Chain], pad_id: int) -> dict:
-    """step_metrics over every labelled step of the held-out chains, in eval mode."""
+def evaluate(model, chains: list[Chain], pad_id: int, train_chains: list[Chain] = ()) -> dict:
+    """step_metrics over every labelled step of the held-out chains, in eval mode; with the training chains also
+    position_prior_auc, the baseline of a model that reads nothing but step positions."""
     model.eval()
     logits = torch.cat(step_logits(model, chains, pad_id))
     labels = torch.tensor([x for c in chains for x in c.labels])
-    return {**step_metrics(logits, labels), "chains": len(chains)}
+    prior = {"position_prior_auc": position_prior_auc(train_chains, chains)} if train_chains else {}
+    return {**step_metrics(logits, labels), **prior, "chains": len(chains)}
 
 
 def train_step(model, optimizer, chains: list[Chain], pad_id: int, cfg: PRMConfig) -> dict:
@@ -393,7 +411,7 @@ def train(cfg: PRMConfig) -> dict:
                             keep_last=cfg.log.keep_last)
     logger.close()
     with autocast(cfg.model, model.device):
-        eval_metrics = evaluate(model, eval_chains, pad_id)
+        eval_metrics = evaluate(model, eval_chains, pad_id, chains)
     save_final(run_dir, model, tokenizer, eval_metrics)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # final/ holds what they held
     return eval_metrics
@@ -443,7 +461,7 @@ class ProcessRewardModelReward:
         chains = []
         for prompt, ids, ends in zip(prompts, completion_ids, step_ends, strict=True):
             prompt_ids = list(encode_prompt(self.tokenizer, prompt))
-            chains.append(Chain(prompt_ids + list(ids), [len(prompt_ids) + e for e in ends], []))
+            chains.append(Chain(prompt_ids + list(ids), [len(prompt_ids) + e for e in ends], [math.nan] * len(ends)))
         scored = [c for c in chains if c.ends]
         logits = iter(step_logits(self.model, scored, self.tokenizer.pad_token_id, self.batch_size))
         return [torch.sigmoid(next(logits)).tolist() if c.ends else [] for c in chains]
@@ -456,8 +474,8 @@ def main(argv=None):
         return
     result = train(load_config(PRMConfig, argv[0], argv[1:]))
     print(f"held-out step accuracy {result['accuracy']:.3f} (always the commoner label: "
-          f"{result['majority_accuracy']:.3f}), AUC {result['auc']:.3f} ({result['steps']} steps of "
-          f"{result['chains']} chains)")
+          f"{result['majority_accuracy']:.3f}), AUC {result['auc']:.3f} (from step positions alone: "
+          f"{result['position_prior_auc']:.3f}; {result['steps']} steps of {result['chains']} chains)")
 
 
 if __name__ == "__main__":
