@@ -13,6 +13,7 @@ SCHEMAS = {  # module launched -> its config schema
     "fastgrpo.grpo": "fastgrpo.config:GRPOConfig",
     "fastgrpo.sft": "fastgrpo.sft:SFTConfig",
     "fastgrpo.reward_model": "fastgrpo.reward_model:RewardModelConfig",
+    "fastgrpo.prm": "fastgrpo.prm:PRMConfig",
     "fastgrpo.pipeline": "fastgrpo.pipeline:PipelineConfig",
 }
 

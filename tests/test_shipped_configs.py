@@ -27,16 +27,18 @@ from fastgrpo.checkpoint import latest_checkpoint
 from fastgrpo.config import GRPOConfig, load_config
 from fastgrpo.data import builtin_dataset
 from fastgrpo.pipeline import STAGES, PipelineConfig, run
+from fastgrpo.prm import PRMConfig
 from fastgrpo.reward_model import RewardModelConfig
 from fastgrpo.sft import SFTConfig, cot_completion
 from fastgrpo.tiny import build_tiny_model
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 COVERED_ELSEWHERE = {"r1_tiny.yaml"}  # tests/test_pipeline.py
-SCHEMAS = {"r1_": PipelineConfig, "grpo_": GRPOConfig, "sft_": SFTConfig, "reward_model_": RewardModelConfig}
+SCHEMAS = {"r1_": PipelineConfig, "grpo_": GRPOConfig, "sft_": SFTConfig, "reward_model_": RewardModelConfig,
+           "prm_": PRMConfig}
 # key (within a stage) -> the value this test runs it at
 SIZES = {"train.steps": 2, "log.save_every": 2, "train.prompts_per_step": 4, "train.sequences_per_step": 8,
-         "train.pairs_per_step": 8, "generation.num_generations": 4, "generation.max_completion_length": 32,
+         "train.pairs_per_step": 8, "train.chains_per_step": 8, "generation.num_generations": 4, "generation.max_completion_length": 32,
          "data.max_prompt_length": 64, "data.num_examples": 64, "data.eval_examples": 16, "max_completion_length": 32,
          "k": 4, "generation.gpu_memory_utilization": 0.3}
 GRPO_ON_CPU = {"model.dtype": "float32"}  # see the module docstring
@@ -205,6 +207,14 @@ def test_a_reward_model_config_runs(path, standins, tmp_path):
 
     result = train(load_config(RewardModelConfig, path, overrides(path, standins, tmp_path)))
     assert result["pairs"] == 16 and (tmp_path / "final").is_dir()
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if schema_of(p) is PRMConfig], ids=ids)
+def test_a_prm_config_runs(path, standins, tmp_path):
+    from fastgrpo.prm import train
+
+    result = train(load_config(PRMConfig, path, overrides(path, standins, tmp_path)))
+    assert result["chains"] == 16 and (tmp_path / "final").is_dir()
 
 
 @pytest.mark.parametrize("path", [p for p in SHIPPED if schema_of(p) is SFTConfig], ids=ids)
