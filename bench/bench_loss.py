@@ -28,6 +28,7 @@ IMPLS = {
     "trl_fused_lm_head": "fused",
     "liger_chunked": "fused",
     "fastgrpo_fused": "fused",
+    "fastgrpo_fused_token_adv": "fused",  # the same with per-token advantages [B, T] (process supervision)
 }
 REFERENCES = ("torch", "trl", "liger_triton", "trl_fused_lm_head", "liger_chunked")
 
@@ -141,7 +142,7 @@ def build(impl, B, T, H, V, device="cpu"):
                                 inplace_backward=True)
             return loss
 
-    elif impl == "fastgrpo_fused":
+    elif impl in ("fastgrpo_fused", "fastgrpo_fused_token_adv"):
         try:
             from fastgrpo_kernels.fused_linear import fused_linear_grpo_loss
         except ImportError as e:
@@ -149,9 +150,14 @@ def build(impl, B, T, H, V, device="cpu"):
         from fastgrpo_kernels.grpo_loss import GRPOLossConfig
 
         old_logp, ref_logp, advantages, mask = rest
+        per_token = {}
+        if impl == "fastgrpo_fused_token_adv":  # one value per token, built before timing
+            per_token = {"token_advantages": advantages[:, None].expand_as(mask).contiguous()}
+            advantages = None
 
         def forward():
-            loss, _ = fused_linear_grpo_loss(h, W, ids, advantages, mask, old_logp, ref_logp, GRPOLossConfig(beta=BETA))
+            loss, _ = fused_linear_grpo_loss(h, W, ids, advantages, mask, old_logp, ref_logp, GRPOLossConfig(beta=BETA),
+                                             **per_token)
             return loss
 
     return Step(forward=forward, backward=backward, **common)

@@ -106,6 +106,20 @@ class CodeConfig:
 
 
 @dataclass
+class RewardModelUpdatesConfig:
+    """Iterative RL: the reward model trained further on the policy's samples as RL goes (fastgrpo/iterative.py)."""
+
+    every: int = 0  # GRPO steps between updates; 0: the reward model stays as loaded
+    steps: int = 1  # optimizer steps per update
+    pairs_per_step: int = 16
+    replay_fraction: float = 0.1  # share of each batch drawn from older samples
+    buffer_pairs: int = 4096  # older pairs kept for replay
+    source: str = "verifier"  # verifier: right over wrong by accuracy | preferences: best over worst by the rest
+    lr: float = 1e-5
+    max_grad_norm: float = 1.0
+
+
+@dataclass
 class RewardConfig:
     funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])  # built-in names or module:function
     weights: list[float] = field(default_factory=lambda: [1.0, 0.5])
@@ -116,6 +130,7 @@ class RewardConfig:
     # process supervision: a regex a decoded completion is cut after, into the steps that reward functions get as
     # `steps` / `step_ends` and may score one by one (fastgrpo/steps.py); None: no steps are found
     step_pattern: str | None = None
+    reward_model_updates: RewardModelUpdatesConfig = field(default_factory=RewardModelUpdatesConfig)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from fastgrpo_kernels import fused_linear_grpo_loss, fused_linear_logprobs, grou
 from fastgrpo_kernels.grpo_loss import truncated_is_weights
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import GRPOConfig, TrainConfig, load_config, write_run_config
+from .config import GRPOConfig, TrainConfig, load_cli_config, write_run_config
 from .data import PromptSampler, decode, load_prompts
 from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, end_worker, init_distributed,
                           reshard, world)
@@ -37,7 +37,8 @@ from .models import load_model
 from .packing import (PackedBatch, PackingStats, completion_rows, completion_values, pack, packed_backward,
                       packed_hidden_states, plan_micro_batches)
 from .precision import autocast
-from .rewards import Scores, build_rewards, compute_rewards, reward_name
+from .iterative import RewardModelLearner
+from .rewards import RewardModelReward, Scores, build_rewards, compute_rewards, reward_name
 from .runs import RunError, check_model_path, command_line, lock_run_dir
 from .steps import compile_pattern, find_steps
 
@@ -124,6 +125,7 @@ class Rollout:
     # process supervision: per completion its weighted (token index, reward) steps (rewards.Scores.step_rewards);
     # None: outcome rewards alone
     step_rewards: list[list[tuple[int, float]]] | None = None
+    prompts: list | None = None  # (S,) the prompts as the dataset has them (text or chat messages)
 
 
 def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: GRPOConfig, step: int,
@@ -149,7 +151,7 @@ def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: G
             for i in keep.nonzero().squeeze(1).tolist():
                 rows = slice(i * G, (i + 1) * G)
                 parts.append(([mine[i][0]] * G, completions[rows], rewards[rows], per_func[rows],
-                              None if steps is None else steps[rows]))
+                              None if steps is None else steps[rows], [mine[i][1][cfg.data.prompt_column]] * G))
         kept += int(all_reduce_sum(float(keep.sum())))
         refills += 1
     return gather_rollout(parts, refills - 1)
@@ -193,8 +195,8 @@ def score_share(mine: list, completions: list, tokenizer, reward_funcs, weights,
 
 
 def gather_rollout(parts: list, refills: int) -> Rollout:
-    """Every rank's kept groups (parts: (prompt ids, completions, rewards, per_func, step rewards or None) per
-    group), rank by rank."""
+    """Every rank's kept groups (parts: (prompt ids, completions, rewards, per_func, step rewards or None, prompts)
+    per group), rank by rank."""
     parts = [part for rank_parts in all_gather_objects(parts) for part in rank_parts]
     prompt_ids = [p for part in parts for p in part[0]]
     completions = [c for part in parts for c in part[1]]
@@ -202,7 +204,7 @@ def gather_rollout(parts: list, refills: int) -> Rollout:
     return Rollout(prompt_ids, [c.token_ids for c in completions], [c.logprobs for c in completions],
                    torch.tensor([c.finish_reason == "length" for c in completions]),
                    torch.cat([part[2] for part in parts]), torch.cat([part[3] for part in parts]), refills,
-                   step_rewards)
+                   step_rewards, [p for part in parts for p in part[5]])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -436,6 +438,7 @@ class Run:
     judge: int | None  # the reward column dynamic sampling judges groups by
     loss_config: object  # the loss op's (LossConfig.to_kernel)
     logger: MetricsLogger | None  # rank 0's
+    learner: RewardModelLearner | None  # iterative RL: the reward model that keeps training
 
 
 def check_inputs(cfg: GRPOConfig, world_size: int) -> None:
@@ -475,10 +478,13 @@ def start_run(cfg: GRPOConfig, reward_funcs=None) -> tuple[Run, dict]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   fused=True)
     sampler = make_sampler(cfg, tokenizer)
+    learner = make_learner(cfg, funcs, weights, reward_names)
     state = {"step": 0, "bad_steps": 0, "history": []}
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
         sampler.load_state(state["sampler"])
+        if learner is not None:
+            learner.load_state(state["reward_model_learner"])
     generator = make_generator(cfg, model, tokenizer)
     if checkpoint is not None:
         generator.sync_weights()  # a resumed model differs from the files vLLM loaded
@@ -486,7 +492,36 @@ def start_run(cfg: GRPOConfig, reward_funcs=None) -> tuple[Run, dict]:
               if rank == 0 else None)
     loss_config = cfg.loss.to_kernel(cfg.generation.temperature, cfg.generation.max_completion_length)
     return Run(cfg, run_dir, tokenizer, model, ref_model, optimizer, sampler, generator, funcs, weights,
-               reward_names, dynamic_sampling_column(cfg, reward_names), loss_config, logger), state
+               reward_names, dynamic_sampling_column(cfg, reward_names), loss_config, logger, learner), state
+
+
+def make_learner(cfg: GRPOConfig, funcs: list, weights: list[float], reward_names: list[str]):
+    """Iterative RL's learner of the run's reward model (rewards.reward_model_updates.every > 0), else None."""
+    updates = cfg.rewards.reward_model_updates
+    if updates.every <= 0:
+        return None
+    models = [i for i, f in enumerate(funcs) if isinstance(f, RewardModelReward)]
+    if not models:
+        raise ValueError("rewards.reward_model_updates trains the run's reward model: add reward_model to "
+                         "rewards.funcs (with rewards.reward_model)")
+    if updates.source == "verifier":
+        if "accuracy_reward" not in reward_names:
+            raise ValueError("rewards.reward_model_updates.source=verifier labels samples by the accuracy reward: "
+                             "add accuracy to rewards.funcs")
+        judge = [reward_names.index("accuracy_reward")]
+    else:
+        judge = [i for i in range(len(funcs)) if i != models[0]]
+    return RewardModelLearner(funcs[models[0]], updates, judge, [weights[i] for i in judge], cfg.train.seed)
+
+
+def update_reward_model(run: Run, rollout: Rollout, step: int) -> dict:
+    """Iterative RL: the step's samples become pairs; every rewards.reward_model_updates.every steps the reward
+    model trains on them (and replayed older ones), and the next step's rewards come from the updated model."""
+    texts = [decode(run.tokenizer, ids) for ids in rollout.completion_ids]
+    run.learner.observe(rollout.prompts, texts, rollout.per_func, run.cfg.generation.num_generations)
+    if (step + 1) % run.cfg.rewards.reward_model_updates.every:
+        return {}
+    return run.learner.update(step)
 
 
 def grpo_step(run: Run, step: int) -> dict:
@@ -506,6 +541,9 @@ def grpo_step(run: Run, step: int) -> dict:
         loss_metrics = optimize(run.model, run.ref_model, run.optimizer, rollout, advantages, run.loss_config, cfg)
     with timer("weight_sync"):
         run.generator.sync_weights()
+    if run.learner is not None:
+        with timer("reward_model"):
+            loss_metrics.update(update_reward_model(run, rollout, step))
     completion_tokens = sum(len(c) for c in rollout.completion_ids)
     return {**rollout_metrics(rollout, advantages, run.reward_names, G), **loss_metrics, **timer.as_dict(),
             "tokens_per_s": completion_tokens / max(sum(timer.as_dict().values()), 1e-9),
@@ -518,9 +556,11 @@ def end_step(run: Run, step: int, state: dict) -> None:
     cfg, bad_steps = run.cfg, state["bad_steps"]
     due = step + 1 == cfg.train.steps or (step + 1) % cfg.log.save_every == 0
     if due and not bad_steps:
-        save_checkpoint(run.run_dir, step + 1, run.model, run.tokenizer, run.optimizer,
-                        state={"step": step + 1, "bad_steps": 0, "history": state["history"],
-                               "sampler": run.sampler.state()}, keep_last=cfg.log.keep_last)
+        saved = {"step": step + 1, "bad_steps": 0, "history": state["history"], "sampler": run.sampler.state()}
+        if run.learner is not None:
+            saved["reward_model_learner"] = run.learner.state()
+        save_checkpoint(run.run_dir, step + 1, run.model, run.tokenizer, run.optimizer, state=saved,
+                        keep_last=cfg.log.keep_last)
     if bad_steps >= cfg.train.max_bad_steps:
         raise RunError(f"stopping: {bad_steps} consecutive steps with non-finite gradients; the last good "
                        f"checkpoint is {latest_checkpoint(run.run_dir)}")
@@ -555,7 +595,7 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
-    cfg = load_config(GRPOConfig, argv[0], argv[1:])
+    cfg = load_cli_config(GRPOConfig, argv)
     t0 = time.time()
     history = train(cfg)
     if history:

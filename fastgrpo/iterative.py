@@ -1,0 +1,131 @@
+"""Iterative RL (DeepSeekMath 4.1.3): the reward model keeps learning from the policy's own samples, with replay.
+
+    rewards:
+      funcs: [reward_model, accuracy]
+      reward_model: runs/reward_model/final
+      reward_model_updates: {every: 10, steps: 2, replay_fraction: 0.1, source: verifier}
+
+Every `every` GRPO steps the reward model that scores the run (the "reward_model" function: a sequence-classification
+model, Bradley-Terry on pairs) takes `steps` optimizer steps on pairs made from the policy's recent rollouts, and RL
+goes on with the updated model (the reward function holds the very model that trains). The pairs of a group come
+from the rule rewards, never from the reward model itself:
+  verifier      a completion the accuracy reward marks right over one it marks wrong (zipped within the group);
+  preferences   the group's best completion over its worst by the run's other rewards (weighted sum), when they differ.
+Each update's batch draws (1 - replay_fraction) of its pairs from the samples since the last update and the rest
+from older ones (a buffer of the last `buffer_pairs` pairs), as DeepSeekMath's replay keeps ~10% historical data.
+The draws are a function of (train.seed, step), and the model, its optimizer and the buffer are part of every GRPO
+checkpoint, so a resumed run continues as the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+
+from .config import RewardModelUpdatesConfig
+from .rewards import RewardModelReward, render_conversation
+
+SOURCES = ("verifier", "preferences")
+
+
+class RewardModelLearner:
+    """The run's reward model, trained further on (chosen ids, rejected ids) pairs from its rollouts."""
+
+    def __init__(self, reward: RewardModelReward, cfg: RewardModelUpdatesConfig, judge: list[int],
+                 judge_weights: list[float], seed: int):
+        """reward: the run's RewardModelReward (its model is the one that learns); judge, judge_weights: the per_func
+        columns whose weighted sum makes the pairs (verifier: the accuracy column alone)."""
+        if cfg.source not in SOURCES:
+            raise ValueError(f"rewards.reward_model_updates.source={cfg.source!r}: use one of {SOURCES}")
+        if not 0 <= cfg.replay_fraction < 1:
+            raise ValueError(f"rewards.reward_model_updates.replay_fraction={cfg.replay_fraction} must be in [0, 1)")
+        self.reward, self.cfg, self.seed = reward, cfg, seed
+        self.judge, self.judge_weights = judge, torch.tensor(judge_weights, dtype=torch.float32)
+        self.optimizer = torch.optim.AdamW(reward.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.recent: list[tuple[list[int], list[int]]] = []  # pairs since the last update
+        self.history: list[tuple[list[int], list[int]]] = []  # older pairs, the last buffer_pairs of them
+
+    def encode(self, prompt, completion: str) -> list[int]:
+        """Token ids of a (prompt, completion) exactly as the reward function scores it."""
+        tokenizer = self.reward.tokenizer
+        return tokenizer(render_conversation(tokenizer, prompt, completion), add_special_tokens=False)["input_ids"]
+
+    def observe(self, prompts: list, completions: list[str], per_func: torch.Tensor, G: int) -> None:
+        """Pairs from one step's S = B*G samples (prompts and completion texts group by group, per_func (S, F))."""
+        columns = per_func[:, self.judge]  # (S, J)
+        judged = (columns * self.judge_weights).nansum(1).masked_fill(columns.isnan().all(1), math.nan)  # (S,)
+        for g in range(0, len(completions), G):
+            scores = judged[g:g + G].tolist()
+            for i, j in self._pairs(scores):
+                self.recent.append((self.encode(prompts[g + i], completions[g + i]),
+                                    self.encode(prompts[g + j], completions[g + j])))
+
+    def _pairs(self, scores: list[float]) -> list[tuple[int, int]]:
+        """(chosen, rejected) indices within a group."""
+        valid = [i for i, s in enumerate(scores) if not math.isnan(s)]
+        if self.cfg.source == "verifier":
+            right = [i for i in valid if scores[i] > 0.5]
+            wrong = [i for i in valid if scores[i] <= 0.5]
+            return list(zip(right, wrong))
+        if not valid:
+            return []
+        best = max(valid, key=lambda i: (scores[i], -i))
+        worst = min(valid, key=lambda i: (scores[i], i))
+        return [(best, worst)] if scores[best] > scores[worst] else []
+
+    def update(self, step: int) -> dict:
+        """cfg.steps Bradley-Terry steps on batches of recent and replayed pairs; then the recent pairs join the
+        buffer. Returns the update's metrics (empty when there was no pair to learn from)."""
+        cfg, model = self.cfg, self.reward.model
+        rng = random.Random(self.seed * 1_000_003 + step)
+        metrics = {"reward_model/pairs_new": float(len(self.recent)),
+                   "reward_model/pairs_replay": float(len(self.history))}
+        if not self.recent:
+            return metrics
+        model.train()
+        losses, accuracies = [], []
+        for _ in range(cfg.steps):
+            batch = self._batch(rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            margin = self._margins(batch)
+            loss = -F.logsigmoid(margin).mean()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if torch.isfinite(grad_norm):
+                self.optimizer.step()
+            losses.append(loss.item())
+            accuracies.append((margin.detach() > 0).float().mean().item())
+        self.optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        self.history = (self.history + self.recent)[-cfg.buffer_pairs:]
+        self.recent = []
+        return {**metrics, "reward_model/loss": sum(losses) / len(losses),
+                "reward_model/train_accuracy": sum(accuracies) / len(accuracies)}
+
+    def _batch(self, rng: random.Random) -> list[tuple[list[int], list[int]]]:
+        """cfg.pairs_per_step pairs: a replay_fraction share from the buffer (when it has any), the rest recent."""
+        n = self.cfg.pairs_per_step
+        replay = round(n * self.cfg.replay_fraction) if self.history else 0
+        return ([rng.choice(self.recent) for _ in range(n - replay)] +
+                [rng.choice(self.history) for _ in range(replay)])
+
+    def _margins(self, pairs) -> torch.Tensor:
+        tokenizer, model = self.reward.tokenizer, self.reward.model
+        sequences = [c for c, _ in pairs] + [r for _, r in pairs]
+        batch = tokenizer.pad({"input_ids": sequences}, padding=True, padding_side="right", return_tensors="pt")
+        rewards = model(**batch.to(model.device)).logits[:, 0].float()  # (2P,)
+        return rewards[:len(pairs)] - rewards[len(pairs):]
+
+    def state(self) -> dict:
+        """What a checkpoint keeps: the weights, the optimizer and the pairs (JSON and tensors, no pickle)."""
+        return {"weights": {k: v.detach().clone() for k, v in self.reward.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "recent": self.recent, "history": self.history}
+
+    def load_state(self, state: dict) -> None:
+        self.reward.model.load_state_dict(state["weights"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.recent = [tuple(p) for p in state["recent"]]
+        self.history = [tuple(p) for p in state["history"]]
