@@ -227,3 +227,22 @@ def test_a_file_source_and_bad_input_named_by_row(model_path, tmp_path):
     assert "fits data.max_length=3" in error(rows, "data.max_length=3")
     assert "unknown built-in" in error(rows, "data.source=builtin:arithmetic")
     assert "all held out" in error(rows, "data.eval_examples=3")
+
+
+def test_grpo_trains_on_the_process_reward_models_step_scores(trained, model_path, tmp_path):
+    """The built-in "process_reward_model" in a GRPO run: every step found is scored, and the advantages train."""
+    from fastgrpo.config import GRPOConfig
+    from fastgrpo.grpo import train as grpo_train
+
+    _, run_dir, _ = trained
+    cfg = load_config(GRPOConfig, "configs/grpo_tiny.yaml", [
+        f"model.path={model_path}", f"log.run_dir={tmp_path / 'run'}", "train.steps=2", "train.prompts_per_step=2",
+        "generation.num_generations=4", "generation.backend=hf", "model.dtype=float32", "log.tensorboard=false",
+        "rewards.funcs=[process_reward_model]", "rewards.weights=[1.0]",
+        f"rewards.process_reward_model={run_dir / 'final'}", "rewards.step_pattern='[aeiou ]'"])
+    history = grpo_train(cfg)
+    assert len(history) == 2
+    for h in history:
+        assert h["steps/per_completion_mean"] > 1  # random text: a step ends at every vowel and space
+        assert 0 < h["reward/process_reward_model"] < 1 and h["steps/reward_std"] > 0
+        assert h["bad_updates"] == 0 and h["advantage/abs_mean"] > 0
