@@ -11,8 +11,10 @@ trained on): the shape of PRM800K and Math-Shepherd. A row is the prompt encoded
 The built-in sources builtin:arithmetic_steps (2 digits) and builtin:arithmetic3_steps label themselves: chains of
 thought for the addition task's problems, right or with one column added wrong or one carry dropped, each step
 checked by rewards.arithmetic_step_reward (the rule the "arithmetic_steps" process reward uses). With data.policy
-set, a policy checkpoint's own samples (vLLM in process) are added, labelled the same way (label_samples). Train and
-held-out rows come from the task's disjoint splits (data.split_of); a file's last data.eval_examples rows are held out.
+set, a policy checkpoint's own samples (vLLM in process) are added, labelled the same way (label_samples) or, with
+data.labels=rollouts, as Math-Shepherd does: by the share of the policy's continuations from each step's end that
+reach the right answer (rollout_labels). Train and held-out rows come from the task's disjoint splits
+(data.split_of); a file's last data.eval_examples rows are held out.
 
 The result, run_dir/final, loads with ProcessRewardModelReward(path) (the built-in reward "process_reward_model",
 checkpoint rewards.process_reward_model): at RL time it scores each step of a completion found by
@@ -29,7 +31,7 @@ import random
 import re
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,12 +41,12 @@ from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LogConfig, ModelConfig, load_config, to_yaml
-from .data import builtin_dataset, check_prompts, encode_prompt, load_file
+from .data import builtin_dataset, check_prompts, decode, encode_prompt, load_file
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .models import load_model
 from .precision import autocast
 from .runs import check_model_path, command_line, lock_run_dir
-from .steps import split_steps
+from .steps import find_steps, split_steps
 
 # rewards.py imports this module (its "process_reward_model" built-in), so what comes from rewards (and from
 # reward_model, evaluate and generation, which import it) is imported where it is used.
@@ -67,6 +69,10 @@ class PRMDataConfig:
     policy_prompts: int = 64  # train prompts it samples on
     policy_eval_prompts: int = 16  # held-out prompts it samples on
     samples_per_prompt: int = 4
+    # how the samples' steps are labelled: "rule" (arithmetic_step_reward) or "rollouts" (Math-Shepherd: the share of
+    # data.rollouts continuations of the policy from the step's end that reach the right answer)
+    labels: str = "rule"
+    rollouts: int = 4
     temperature: float = 1.0
     max_completion_length: int = 64
     kv_cache_gib: float = 0.25
@@ -151,11 +157,36 @@ def arithmetic_step_rows(name: str, num_examples: int, seed: int, split: str) ->
     return label_samples(ds["prompt"], completions, ds["answer"])
 
 
+def rollout_labels(generator, tokenizer, prompts, answers, completion_ids, sampling, pattern: str) -> list[dict]:
+    """Math-Shepherd's automatic labels: {prompt, steps, labels} rows of the completions (token ids), a step's label
+    the share of the `sampling.n` continuations (`generator`) from that step's last token whose whole text
+    accuracy_reward accepts; None where it judges none. Completions with no step give no row."""
+    from .rewards import accuracy_reward
+
+    rows, heads = [], []  # heads: (row, prompt ids + the completion through the step's last token)
+    for prompt, ids in zip(prompts, completion_ids, strict=True):
+        texts, ends = find_steps(tokenizer, list(ids), pattern)
+        prompt_ids = list(encode_prompt(tokenizer, prompt))
+        heads += [(len(rows), prompt_ids, list(ids[:end + 1])) for end in ends]
+        rows.append({"prompt": prompt, "steps": texts, "labels": []})
+    groups = generator.generate([prompt_ids + head for _, prompt_ids, head in heads], sampling)
+    for (r, _, head), group in zip(heads, groups):
+        texts = [decode(tokenizer, head + c.token_ids) for c in group]
+        n = len(texts)
+        judged = [x for x in accuracy_reward([prompts[r]] * n, texts, answer=[answers[r]] * n) if x is not None]
+        rows[r]["labels"].append(sum(judged) / len(judged) if judged else None)
+    return [row for row in rows if row["steps"]]
+
+
 def policy_rows(generator, tokenizer, cfg: PRMDataConfig, split: str) -> list[dict]:
-    """label_samples of the policy's samples (`generator`, e.g. a VLLMGenerator) on prompts of `split`."""
+    """The policy's samples (`generator`, e.g. a VLLMGenerator) on prompts of `split`, labelled as cfg.labels says:
+    label_samples, or rollout_labels."""
     from .evaluate import sample
     from .generation import SamplingConfig
+    from .rewards import ARITHMETIC_STEP_PATTERN
 
+    if cfg.labels not in ("rule", "rollouts"):
+        raise ValueError(f"data.labels must be 'rule' or 'rollouts', got {cfg.labels!r}")
     n = cfg.policy_prompts if split == "train" else cfg.policy_eval_prompts
     ds = builtin_dataset(STEP_SOURCES[cfg.source.removeprefix("builtin:")], n, cfg.seed + 1, split)
     sampling = SamplingConfig(n=cfg.samples_per_prompt, temperature=cfg.temperature,
@@ -163,6 +194,9 @@ def policy_rows(generator, tokenizer, cfg: PRMDataConfig, split: str) -> list[di
     groups = sample(generator, tokenizer, ds["prompt"], sampling)
     prompts = [p for p, group in zip(ds["prompt"], groups) for _ in group]
     answers = [a for a, group in zip(ds["answer"], groups) for _ in group]
+    if cfg.labels == "rollouts":
+        return rollout_labels(generator, tokenizer, prompts, answers, [ids for group in groups for _, ids, _ in group],
+                              replace(sampling, n=cfg.rollouts), ARITHMETIC_STEP_PATTERN)
     return label_samples(prompts, [text for group in groups for text, _, _ in group], answers)
 
 

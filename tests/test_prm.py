@@ -101,27 +101,49 @@ def test_arithmetic_chains_are_labelled_step_by_step():
     assert 0.3 < sum(all(x == 1.0 for x in r["labels"]) for r in rows) / len(rows) < 0.4
 
 
-def test_policy_samples_are_labelled_on_their_split(tmp_path):
-    """policy_rows labels what the generator sampled, on prompts of the split asked for."""
+class Policy:
+    """Samples a right and a wrong chain for a prompt; continues a partial chain with the rest of the right chain
+    where it is a beginning of it, else with a wrong answer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.asked = tokenizer, []
+
+    def generate(self, prompts, sampling):
+        return [[Completion(ids, [], "stop") for ids in (self.sample(p) * sampling.n)[:sampling.n]] for p in prompts]
+
+    def sample(self, ids):
+        prompt, _, head = self.tokenizer.decode(ids).removeprefix("<|user|>").partition("<|assistant|>")
+        right = written_chain(prompt, "none", random.Random(0))
+        if head:
+            texts = [right[len(head):] if right.startswith(head) else "</think>Answer: 0"]
+        else:
+            self.asked.append(prompt)
+            texts = [right, written_chain(prompt, "sum", random.Random(0))]
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                for t in texts]
+
+
+def test_policy_samples_are_labelled_on_their_split():
+    """policy_rows labels what the generator sampled, on prompts of the split asked for: by rule, or by rollouts."""
     tokenizer = char_tokenizer()
-
-    class Policy:  # samples one right and one wrong chain per prompt
-        def generate(self, prompts, sampling):
-            out = []
-            for ids in prompts:
-                prompt = tokenizer.decode(ids).removeprefix("<|user|>").removesuffix("<|assistant|>")
-                asked.append(prompt)
-                texts = [written_chain(prompt, "none", random.Random(0)), written_chain(prompt, "sum", random.Random(0))]
-                out.append([Completion(tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
-                                       [], "stop") for t in texts[:sampling.n]])
-            return out
-
-    cfg = make_cfg("unused", "unused", "data.policy_eval_prompts=8", "data.samples_per_prompt=2").data
-    asked = []
-    rows = policy_rows(Policy(), tokenizer, cfg, "eval")
-    assert len(asked) == 8 and all(split_of(p) == "eval" for p in asked)
-    assert len(rows) == 16 and all(r["steps"][-1].startswith("Answer: ") for r in rows)
-    assert [all(x == 1.0 for x in r["labels"]) for r in rows] == [True, False] * 8
+    by_rule, by_rollouts = ({"right": [], "wrong": []} for _ in range(2))
+    for labels, out in (("rule", by_rule), ("rollouts", by_rollouts)):
+        policy = Policy(tokenizer)
+        cfg = make_cfg("unused", "unused", "data.policy_eval_prompts=8", "data.samples_per_prompt=2",
+                       f"data.labels={labels}", "data.rollouts=2").data
+        rows = policy_rows(policy, tokenizer, cfg, "eval")
+        assert len(policy.asked) == 8 and all(split_of(p) == "eval" for p in policy.asked)
+        assert len(rows) == 16 and all(r["steps"][-1].startswith("Answer: ") for r in rows)
+        for i, row in enumerate(rows):
+            out["wrong" if i % 2 else "right"].append(row["labels"])
+    assert by_rollouts["right"] == by_rule["right"] and all(x == 1.0 for r in by_rule["right"] for x in r)
+    # from the rule's first wrong step on, no continuation reaches the right answer: rollouts label it and every
+    # later step 0 (where the rule may pass a later column that is right given the true carry)
+    for rule, rollouts in zip(by_rule["wrong"], by_rollouts["wrong"]):
+        first = rule.index(0.0)
+        assert rollouts == [1.0] * first + [0.0] * (len(rule) - first)
+    with pytest.raises(ValueError, match="data.labels must be 'rule' or 'rollouts'"):
+        policy_rows(Policy(tokenizer), tokenizer, make_cfg("unused", "unused", "data.labels=votes").data, "eval")
 
 
 def test_a_tiny_prm_beats_chance_on_held_out_steps(trained, model_path):
