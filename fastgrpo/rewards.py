@@ -294,8 +294,10 @@ def arithmetic_step_reward(prompts, completions, steps=None, answer=None, **kwar
             continue
         a, b = problem.groups()
         width = max(len(a), len(b))
-        columns, carry = [], 0  # the true (x, y, carry in, sum) of each column, from the right
-        for x, y in zip(reversed(a.zfill(width)), reversed(b.zfill(width))):
+        # the true (x, y, carry in, sum) of each column, from the right; a chain may write leading-zero columns
+        # (the built-in task writes as many as its widest problem has: "5+7=" as "5+7=12 0+0+1=1")
+        columns, carry = [], 0
+        for x, y in zip(reversed(a.zfill(width + 2)), reversed(b.zfill(width + 2))):
             columns.append((x, y, carry, int(x) + int(y) + carry))
             carry = columns[-1][3] // 10
         rewards, k = [], 0

@@ -193,3 +193,17 @@ def test_bad_step_patterns_are_named_before_anything_runs(model_path, tmp_path):
         with pytest.raises(ValueError, match=rf"^rewards.step_pattern='{re.escape(pattern)}' {match}"):
             train(cfg)
         assert not (tmp_path / pattern).exists()  # refused before the run directory was made
+
+
+def test_leading_zero_columns_are_right_steps():
+    # the built-in task writes every problem at its width: "5+7=" is "5+7=12 0+0+1=1"
+    from fastgrpo.data import builtin_dataset
+
+    for ex in builtin_dataset("arithmetic", 200, 0, "train"):
+        chain = f"<think>{ex['cot']}</think>Answer: {ex['answer']}"
+        steps = [t for t, _ in split_steps(chain, ARITHMETIC_STEP_PATTERN)]
+        assert arithmetic_step_reward([ex["prompt"]], ["-"], steps=[steps], answer=[ex["answer"]]) == \
+            [[1.0] * len(steps)], chain
+    right, dropped = ["5+7=12 ", "0+0+1=1</think>", "Answer: 12"], ["5+7=12 ", "0+0=1</think>", "Answer: 12"]
+    assert arithmetic_step_reward(["5+7="] * 2, ["-"] * 2, steps=[right, dropped], answer=["12"] * 2) == \
+        [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]]
