@@ -74,95 +74,42 @@ def _without_autocast(fn):
     return run
 
 
-def _chunk_grad_(z, ids, temperature, token_grad, with_entropy, backend):
-    """Triton path: turn a logits chunk z (c, V) into d(loss)/d(z) in place; return (logp, entropy or None), fp32 [c].
-
-    token_grad(logp) -> d(loss)/d(logp) [c].
-    """
-    logp, lse, entropy = logits_forward(z, ids, temperature, with_entropy, backend)
-    logits_backward(z, ids, lse, token_grad(logp), temperature=temperature, out=z, backend=backend)
-    return logp, entropy
-
-
-def _logits_chunk(h, weight, buf):
-    """z = h W^T into the first rows of the reusable buffer."""
-    return torch.mm(h, weight.t(), out=buf[: h.shape[0]])
+# ----------------------------------------------------------------------------------------------------------
+# The per-chunk work of each backend. The sweeps below are written once and call, per chunk of rows h (c, H):
+#   stats(h, ids, with_entropy) -> (logp, lse, entropy or None), fp32 [c]
+#   grad(h, ids, lse, dlogp, dh, dw): given dlogp, d(loss)/d(h) into dh (c, H), d(loss)/d(W) added to dw (V, H);
+#                                     either may be None
+# `eager` marks the sweep that runs both on each chunk (grad reuses the logits stats computed); the forward sweep
+# runs only stats, the backward sweep only grad, which then recomputes the logits.
 
 
-def _chunk_plan(hidden, weight, chunk_bytes):
-    """Triton path: rows per chunk, and the reusable (rows, V) logits buffer in the input dtype."""
-    N, V = hidden.shape[0], weight.shape[0]
-    step = rows_per_chunk(N, V * hidden.element_size(), chunk_bytes, hidden.device)
-    return step, torch.empty(step, V, dtype=hidden.dtype, device=hidden.device)
+class _TritonChunks:
+    """Triton path: each chunk's logits z = h W^T (c, V) go into one reused buffer in the input dtype; the logits
+    kernels read it (stats) and overwrite it with dz (grad: read c*V, write c*V), then dh = dz W and dW += dz^T h."""
 
+    def __init__(self, hidden, weight, temperature, backend, chunk_bytes, eager):
+        N, V = hidden.shape[0], weight.shape[0]
+        self.step = rows_per_chunk(N, V * hidden.element_size(), chunk_bytes, hidden.device)
+        self.buf = torch.empty(self.step, V, dtype=hidden.dtype, device=hidden.device)
+        self.weight, self.temperature, self.backend, self.eager = weight, temperature, backend, eager
+        self.dh_dtype = hidden.dtype  # each chunk's rows written once, by the dh matmul
+        self.z = None
 
-@_without_autocast
-def _eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, need_dh, dw_dtype, backend,
-                 chunk_bytes):
-    """The three-matmul loop. token_grad(logp_c, rows) -> dlogp_c. Returns (logp, entropy, dh, dW); dW in dw_dtype
-    (None: no dW)."""
-    if backend == "torch":
-        return _torch_eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, need_dh, dw_dtype,
-                                  chunk_bytes)
-    N = hidden.shape[0]
-    step, buf = _chunk_plan(hidden, weight, chunk_bytes)
-    logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-    entropy = torch.empty_like(logp) if with_entropy else None
-    dh = torch.empty_like(hidden) if need_dh else None
-    dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device) if dw_dtype else None
-    for start in range(0, N, step):
-        rows = slice(start, min(start + step, N))
-        h = hidden[rows]
-        z = _logits_chunk(h, weight, buf)  # (c, V)
-        logp[rows], ent = _chunk_grad_(z, ids[rows], temperature, lambda lp: token_grad(lp, rows), with_entropy,
-                                      backend)
-        if with_entropy:
-            entropy[rows] = ent
-        dz = z.to(weight.dtype)
-        if need_dh:
-            torch.mm(dz, weight, out=dh[rows])
-        if dw_dtype:
-            _add_dw(dw, dz, h.to(weight.dtype))
-    return logp, entropy, dh, dw
+    def _logits(self, h):
+        return torch.mm(h, self.weight.t(), out=self.buf[: h.shape[0]])
 
+    def stats(self, h, ids, with_entropy):
+        self.z = self._logits(h)
+        return logits_forward(self.z, ids, self.temperature, with_entropy, self.backend)
 
-@_without_autocast
-def _forward_sweep(hidden, weight, ids, temperature, with_entropy, backend, chunk_bytes):
-    """logp, lse, entropy for all rows, one matmul per chunk and no gradient."""
-    if backend == "torch":
-        return _torch_forward_sweep(hidden, weight, ids, temperature, with_entropy, chunk_bytes)
-    N = hidden.shape[0]
-    step, buf = _chunk_plan(hidden, weight, chunk_bytes)
-    out = [torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3 if with_entropy else 2)]
-    for start in range(0, N, step):
-        rows = slice(start, min(start + step, N))
-        z = _logits_chunk(hidden[rows], weight, buf)
-        for o, r in zip(out, logits_forward(z, ids[rows], temperature, with_entropy, backend, chunk_bytes)):
-            o[rows] = r
-    return out[0], out[1], out[2] if with_entropy else None
-
-
-@_without_autocast
-def _backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, dw_dtype, backend, chunk_bytes):
-    """Recompute each logits chunk and apply dlogp: (dh, dW in dw_dtype or None)."""
-    if backend == "torch":
-        return _torch_backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, dw_dtype, chunk_bytes)
-    N = hidden.shape[0]
-    step, buf = _chunk_plan(hidden, weight, chunk_bytes)
-    dh = torch.empty_like(hidden) if need_dh else None
-    dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device) if dw_dtype else None
-    for start in range(0, N, step):
-        rows = slice(start, min(start + step, N))
-        h = hidden[rows]
-        z = _logits_chunk(h, weight, buf)
-        logits_backward(z, ids[rows], lse[rows], dlogp[rows], temperature=temperature, out=z, backend=backend,
-                        chunk_bytes=chunk_bytes)
-        dz = z.to(weight.dtype)
-        if need_dh:
-            torch.mm(dz, weight, out=dh[rows])
-        if dw_dtype:
-            _add_dw(dw, dz, h.to(weight.dtype))
-    return dh, dw
+    def grad(self, h, ids, lse, dlogp, dh, dw):
+        z = self.z if self.eager else self._logits(h)
+        logits_backward(z, ids, lse, dlogp, temperature=self.temperature, out=z, backend=self.backend)
+        dz = z.to(self.weight.dtype)
+        if dh is not None:
+            torch.mm(dz, self.weight, out=dh)
+        if dw is not None:
+            _add_dw(dw, dz, h.to(self.weight.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,53 +205,87 @@ def _tile_buffers(rows, V, device, store_all):
     return tiles, lambda c: [flat[: c * (v1 - v0)].view(c, v1 - v0) for v0, v1 in tiles]
 
 
-def _torch_eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, need_dh, dw_dtype, chunk_bytes):
-    N, V = hidden.shape[0], weight.shape[0]
-    step = rows_per_chunk(N, V * 4, chunk_bytes, hidden.device)
-    tiles, buffers = _tile_buffers(step, V, hidden.device, store_all=True)
-    inv_t = 1.0 / temperature
+class _TorchChunks:
+    """torch path: each chunk swept in vocabulary tiles. The eager sweep keeps all of a chunk's tiles from pass 1
+    to pass 2 (store_all); the others keep one tile's worth, so they take FORWARD_ROWS_FACTOR times the rows."""
+
+    def __init__(self, hidden, weight, temperature, chunk_bytes, eager):
+        N, V = hidden.shape[0], weight.shape[0]
+        row_bytes = V * 4 if eager else V * 4 // FORWARD_ROWS_FACTOR
+        self.step = rows_per_chunk(N, row_bytes, chunk_bytes, hidden.device)
+        self.tiles, self.buffers = _tile_buffers(self.step, V, hidden.device, store_all=eager)
+        self.weight, self.inv_t, self.eager = weight, 1.0 / temperature, eager
+        self.dh_dtype = torch.float32  # summed over the tiles
+        self.z_tiles = None
+
+    def stats(self, h, ids, with_entropy):
+        self.z_tiles = self.buffers(h.shape[0])
+        return _tiled_stats(h, self.weight, ids, self.inv_t, with_entropy, self.tiles, self.z_tiles)
+
+    def grad(self, h, ids, lse, dlogp, dh, dw):
+        z_tiles = self.z_tiles if self.eager else self.buffers(h.shape[0])
+        _tiled_grad(h, self.weight, ids, lse, dlogp * self.inv_t, self.tiles, z_tiles, dh, dw,
+                    recompute_inv_t=None if self.eager else self.inv_t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sweeps over chunks of rows, the same for both backends.
+
+
+def _chunks(hidden, weight, temperature, backend, chunk_bytes, eager):
+    if backend == "torch":
+        return _TorchChunks(hidden, weight, temperature, chunk_bytes, eager)
+    return _TritonChunks(hidden, weight, temperature, backend, chunk_bytes, eager)
+
+
+def _row_slices(N, step):
+    return [slice(start, min(start + step, N)) for start in range(0, N, step)]
+
+
+def _grad_buffers(chunks, hidden, weight, need_dh, dw_dtype):
+    dh = torch.zeros(hidden.shape, dtype=chunks.dh_dtype, device=hidden.device) if need_dh else None
+    dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device) if dw_dtype else None
+    return dh, dw
+
+
+@_without_autocast
+def _eager_sweep(hidden, weight, ids, temperature, token_grad, with_entropy, need_dh, dw_dtype, backend,
+                 chunk_bytes):
+    """The three-matmul loop. token_grad(logp_c, rows) -> dlogp_c. Returns (logp, entropy, dh, dW); dW in dw_dtype
+    (None: no dW)."""
+    N = hidden.shape[0]
+    chunks = _chunks(hidden, weight, temperature, backend, chunk_bytes, eager=True)
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(logp) if with_entropy else None
-    dh = torch.zeros(hidden.shape, device=hidden.device) if need_dh else None  # fp32: summed over the tiles
-    dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device) if dw_dtype else None
-    for start in range(0, N, step):
-        rows = slice(start, min(start + step, N))
-        h, z_tiles = hidden[rows], buffers(min(step, N - start))
-        logp[rows], lse, ent = _tiled_stats(h, weight, ids[rows], inv_t, with_entropy, tiles, z_tiles)
+    dh, dw = _grad_buffers(chunks, hidden, weight, need_dh, dw_dtype)
+    for rows in _row_slices(N, chunks.step):
+        h = hidden[rows]
+        logp[rows], lse, ent = chunks.stats(h, ids[rows], with_entropy)
         if with_entropy:
             entropy[rows] = ent
-        g = token_grad(logp[rows], rows) * inv_t
-        _tiled_grad(h, weight, ids[rows], lse, g, tiles, z_tiles, None if dh is None else dh[rows], dw)
+        chunks.grad(h, ids[rows], lse, token_grad(logp[rows], rows), None if dh is None else dh[rows], dw)
     return logp, entropy, None if dh is None else dh.to(hidden.dtype), dw
 
 
-def _torch_forward_sweep(hidden, weight, ids, temperature, with_entropy, chunk_bytes):
-    N, V = hidden.shape[0], weight.shape[0]
-    step = rows_per_chunk(N, V * 4 // FORWARD_ROWS_FACTOR, chunk_bytes, hidden.device)
-    tiles, buffers = _tile_buffers(step, V, hidden.device, store_all=False)
-    out = [torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3)]
-    for start in range(0, N, step):
-        rows = slice(start, min(start + step, N))
-        stats = _tiled_stats(hidden[rows], weight, ids[rows], 1.0 / temperature, with_entropy, tiles,
-                             buffers(min(step, N - start)))
-        for o, r in zip(out, stats):
-            if r is not None:
-                o[rows] = r
+@_without_autocast
+def _forward_sweep(hidden, weight, ids, temperature, with_entropy, backend, chunk_bytes):
+    """logp, lse, entropy (or None) for all rows, one matmul per chunk and no gradient."""
+    N = hidden.shape[0]
+    chunks = _chunks(hidden, weight, temperature, backend, chunk_bytes, eager=False)
+    out = [torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3 if with_entropy else 2)]
+    for rows in _row_slices(N, chunks.step):
+        for o, r in zip(out, chunks.stats(hidden[rows], ids[rows], with_entropy)):
+            o[rows] = r
     return out[0], out[1], out[2] if with_entropy else None
 
 
-def _torch_backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, dw_dtype, chunk_bytes):
-    N, V = hidden.shape[0], weight.shape[0]
-    step = rows_per_chunk(N, V * 4 // FORWARD_ROWS_FACTOR, chunk_bytes, hidden.device)
-    tiles, buffers = _tile_buffers(step, V, hidden.device, store_all=False)
-    inv_t = 1.0 / temperature
-    dh = torch.zeros(hidden.shape, device=hidden.device) if need_dh else None  # fp32: summed over the tiles
-    dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device) if dw_dtype else None
-    for start in range(0, N, step):
-        rows = slice(start, min(start + step, N))
-        h = hidden[rows]
-        _tiled_grad(h, weight, ids[rows], lse[rows], dlogp[rows] * inv_t, tiles, buffers(h.shape[0]),
-                    None if dh is None else dh[rows], dw, recompute_inv_t=inv_t)
+@_without_autocast
+def _backward_sweep(hidden, weight, ids, lse, dlogp, temperature, need_dh, dw_dtype, backend, chunk_bytes):
+    """Recompute each logits chunk and apply dlogp: (dh, dW in dw_dtype or None)."""
+    chunks = _chunks(hidden, weight, temperature, backend, chunk_bytes, eager=False)
+    dh, dw = _grad_buffers(chunks, hidden, weight, need_dh, dw_dtype)
+    for rows in _row_slices(hidden.shape[0], chunks.step):
+        chunks.grad(hidden[rows], ids[rows], lse[rows], dlogp[rows], None if dh is None else dh[rows], dw)
     return None if dh is None else dh.to(hidden.dtype), dw
 
 

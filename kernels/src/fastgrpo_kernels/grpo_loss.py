@@ -100,17 +100,7 @@ def grpo_loss_reference(logits, ids, advantages, mask, old_logp=None, ref_logp=N
     if c.beta != 0:
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
         per_token = per_token + c.beta * kl
-    per_token = per_token.expand_as(mask)
-    B, T = mask.shape
-    S = max(float(B if num_sequences is None else num_sequences), 1.0)
-    if c.loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / S
-    elif c.loss_type == "bnpo":
-        loss = (per_token * mask).sum() / (mask.sum().clamp(min=1) * num_batches)
-    elif c.loss_type == "dapo":
-        loss = (per_token * mask).sum() / max(float(mask.sum() if num_items is None else num_items), 1.0)
-    else:
-        loss = (per_token * mask).sum() / (S * (c.max_completion_length or T))
+    loss = _reference_aggregate(per_token.expand_as(mask), mask, c, num_items, num_sequences, num_batches)
 
     def masked_mean(x):
         return ((x.expand_as(mask) * mask).sum() / mask.sum().clamp(min=1)).detach()
@@ -124,6 +114,19 @@ def grpo_loss_reference(logits, ids, advantages, mask, old_logp=None, ref_logp=N
     }
     metrics["clip_region"] = metrics["clip_low"] + metrics["clip_high"]
     return loss, metrics
+
+
+def _reference_aggregate(per_token, mask, config, num_items, num_sequences, num_batches):
+    """The loss from per-token losses [B, T] under config.loss_type (the weights of the module docstring)."""
+    B, T = mask.shape
+    S = max(float(B if num_sequences is None else num_sequences), 1.0)
+    if config.loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / S
+    if config.loss_type == "bnpo":
+        return (per_token * mask).sum() / (mask.sum().clamp(min=1) * num_batches)
+    if config.loss_type == "dapo":
+        return (per_token * mask).sum() / max(float(mask.sum() if num_items is None else num_items), 1.0)
+    return (per_token * mask).sum() / (S * (config.max_completion_length or T))
 
 
 # ----------------------------------------------------------------------------------------------------------
