@@ -115,6 +115,7 @@ class RewardModelUpdatesConfig:
     replay_fraction: float = 0.1  # share of each batch drawn from older samples
     buffer_pairs: int = 4096  # older pairs kept for replay
     source: str = "verifier"  # verifier: right over wrong by accuracy | preferences: best over worst by the rest
+    labeler: str | None = None  # a process reward model's step labels: a process reward by name (arithmetic_steps)
     lr: float = 1e-5
     max_grad_norm: float = 1.0
 

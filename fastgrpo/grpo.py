@@ -37,7 +37,8 @@ from .models import load_model
 from .packing import (PackedBatch, PackingStats, completion_rows, completion_values, pack, packed_backward,
                       packed_hidden_states, plan_micro_batches)
 from .precision import autocast
-from .iterative import RewardModelLearner
+from .iterative import ProcessRewardModelLearner, RewardModelLearner
+from .prm import ProcessRewardModelReward
 from .rewards import RewardModelReward, Scores, build_rewards, compute_rewards, reward_name
 from .runs import RunError, check_model_path, command_line, lock_run_dir
 from .steps import compile_pattern, find_steps
@@ -125,7 +126,7 @@ class Rollout:
     # process supervision: per completion its weighted (token index, reward) steps (rewards.Scores.step_rewards);
     # None: outcome rewards alone
     step_rewards: list[list[tuple[int, float]]] | None = None
-    prompts: list | None = None  # (S,) the prompts as the dataset has them (text or chat messages)
+    rows: list[dict] | None = None  # (S,) each sequence's dataset row (its prompt, answer and other columns)
 
 
 def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: GRPOConfig, step: int,
@@ -151,7 +152,7 @@ def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: G
             for i in keep.nonzero().squeeze(1).tolist():
                 rows = slice(i * G, (i + 1) * G)
                 parts.append(([mine[i][0]] * G, completions[rows], rewards[rows], per_func[rows],
-                              None if steps is None else steps[rows], [mine[i][1][cfg.data.prompt_column]] * G))
+                              None if steps is None else steps[rows], [mine[i][1]] * G))
         kept += int(all_reduce_sum(float(keep.sum())))
         refills += 1
     return gather_rollout(parts, refills - 1)
@@ -195,8 +196,8 @@ def score_share(mine: list, completions: list, tokenizer, reward_funcs, weights,
 
 
 def gather_rollout(parts: list, refills: int) -> Rollout:
-    """Every rank's kept groups (parts: (prompt ids, completions, rewards, per_func, step rewards or None, prompts)
-    per group), rank by rank."""
+    """Every rank's kept groups (parts: (prompt ids, completions, rewards, per_func, step rewards or None, dataset
+    rows) per group), rank by rank."""
     parts = [part for rank_parts in all_gather_objects(parts) for part in rank_parts]
     prompt_ids = [p for part in parts for p in part[0]]
     completions = [c for part in parts for c in part[1]]
@@ -500,10 +501,13 @@ def make_learner(cfg: GRPOConfig, funcs: list, weights: list[float], reward_name
     updates = cfg.rewards.reward_model_updates
     if updates.every <= 0:
         return None
+    process = [f for f in funcs if isinstance(f, ProcessRewardModelReward)]
+    if process:
+        return ProcessRewardModelLearner(process[0], updates, cfg.train.seed)
     models = [i for i, f in enumerate(funcs) if isinstance(f, RewardModelReward)]
     if not models:
-        raise ValueError("rewards.reward_model_updates trains the run's reward model: add reward_model to "
-                         "rewards.funcs (with rewards.reward_model)")
+        raise ValueError("rewards.reward_model_updates trains the run's reward model: add reward_model (or "
+                         "process_reward_model) to rewards.funcs")
     if updates.source == "verifier":
         if "accuracy_reward" not in reward_names:
             raise ValueError("rewards.reward_model_updates.source=verifier labels samples by the accuracy reward: "
@@ -517,9 +521,16 @@ def make_learner(cfg: GRPOConfig, funcs: list, weights: list[float], reward_name
 def update_reward_model(run: Run, rollout: Rollout, step: int) -> dict:
     """Iterative RL: the step's samples become pairs; every rewards.reward_model_updates.every steps the reward
     model trains on them (and replayed older ones), and the next step's rewards come from the updated model."""
+    cfg = run.cfg
     texts = [decode(run.tokenizer, ids) for ids in rollout.completion_ids]
-    run.learner.observe(rollout.prompts, texts, rollout.per_func, run.cfg.generation.num_generations)
-    if (step + 1) % run.cfg.rewards.reward_model_updates.every:
+    prompts = [row[cfg.data.prompt_column] for row in rollout.rows]
+    if isinstance(run.learner, ProcessRewardModelLearner):
+        steps = [find_steps(run.tokenizer, ids, cfg.rewards.step_pattern) for ids in rollout.completion_ids]
+        columns = {k: [row[k] for row in rollout.rows] for k in rollout.rows[0] if k != cfg.data.prompt_column}
+        run.learner.observe_steps(prompts, texts, rollout.completion_ids, steps, columns)
+    else:
+        run.learner.observe(prompts, texts, rollout.per_func, cfg.generation.num_generations)
+    if (step + 1) % cfg.rewards.reward_model_updates.every:
         return {}
     return run.learner.update(step)
 

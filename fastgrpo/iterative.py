@@ -11,8 +11,11 @@ goes on with the updated model (the reward function holds the very model that tr
 from the rule rewards, never from the reward model itself:
   verifier      a completion the accuracy reward marks right over one it marks wrong (zipped within the group);
   preferences   the group's best completion over its worst by the run's other rewards (weighted sum), when they differ.
-Each update's batch draws (1 - replay_fraction) of its pairs from the samples since the last update and the rest
-from older ones (a buffer of the last `buffer_pairs` pairs), as DeepSeekMath's replay keeps ~10% historical data.
+A process reward model (the "process_reward_model" function, rewards.step_pattern set) learns instead the step
+labels of `labeler` (a process reward function by name, e.g. arithmetic_steps: the rule it stands in for) on each
+sample's steps, with binary cross-entropy at each step's last token (ProcessRewardModelLearner).
+Each update's batch draws (1 - replay_fraction) of its examples from the samples since the last update and the rest
+from older ones (a buffer of the last `buffer_pairs`), as DeepSeekMath's replay keeps ~10% historical data.
 The draws are a function of (train.seed, step), and the model, its optimizer and the buffer are part of every GRPO
 checkpoint, so a resumed run continues as the uninterrupted one.
 """
@@ -26,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import RewardModelUpdatesConfig
-from .rewards import RewardModelReward, render_conversation
+from .data import encode_prompt
+from .prm import Chain, ProcessRewardModelReward, collate, step_loss, token_logits
+from .rewards import RewardModelReward, render_conversation, resolve_reward
 
 SOURCES = ("verifier", "preferences")
 
@@ -77,8 +82,8 @@ class RewardModelLearner:
         return [(best, worst)] if scores[best] > scores[worst] else []
 
     def update(self, step: int) -> dict:
-        """cfg.steps Bradley-Terry steps on batches of recent and replayed pairs; then the recent pairs join the
-        buffer. Returns the update's metrics (empty when there was no pair to learn from)."""
+        """cfg.steps optimizer steps on batches of recent and replayed examples; then the recent ones join the
+        buffer. Returns the update's metrics (no loss when there was nothing new to learn from)."""
         cfg, model = self.cfg, self.reward.model
         rng = random.Random(self.seed * 1_000_003 + step)
         metrics = {"reward_model/pairs_new": float(len(self.recent)),
@@ -87,17 +92,19 @@ class RewardModelLearner:
             return metrics
         model.train()
         losses, accuracies = [], []
-        for _ in range(cfg.steps):
-            batch = self._batch(rng)
-            self.optimizer.zero_grad(set_to_none=True)
-            margin = self._margins(batch)
-            loss = -F.logsigmoid(margin).mean()
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            if torch.isfinite(grad_norm):
-                self.optimizer.step()
-            losses.append(loss.item())
-            accuracies.append((margin.detach() > 0).float().mean().item())
+        # the head's dropout draws from torch's generator: seeded per update, and the policy's stream left as it was
+        cuda = [model.device.index or 0] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self.seed * 1_000_003 + step)
+            for _ in range(cfg.steps):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss, accuracy = self.loss(self._batch(rng))
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                if torch.isfinite(grad_norm):
+                    self.optimizer.step()
+                losses.append(loss.item())
+                accuracies.append(accuracy)
         self.optimizer.zero_grad(set_to_none=True)
         model.eval()
         self.history = (self.history + self.recent)[-cfg.buffer_pairs:]
@@ -112,20 +119,76 @@ class RewardModelLearner:
         return ([rng.choice(self.recent) for _ in range(n - replay)] +
                 [rng.choice(self.history) for _ in range(replay)])
 
-    def _margins(self, pairs) -> torch.Tensor:
+    def loss(self, pairs) -> tuple[torch.Tensor, float]:
+        """Bradley-Terry on (chosen, rejected) pairs: (loss, the share of pairs ranked right)."""
         tokenizer, model = self.reward.tokenizer, self.reward.model
         sequences = [c for c, _ in pairs] + [r for _, r in pairs]
         batch = tokenizer.pad({"input_ids": sequences}, padding=True, padding_side="right", return_tensors="pt")
         rewards = model(**batch.to(model.device)).logits[:, 0].float()  # (2P,)
-        return rewards[:len(pairs)] - rewards[len(pairs):]
+        margin = rewards[:len(pairs)] - rewards[len(pairs):]
+        return -F.logsigmoid(margin).mean(), (margin.detach() > 0).float().mean().item()
 
     def state(self) -> dict:
         """What a checkpoint keeps: the weights, the optimizer and the pairs (JSON and tensors, no pickle)."""
         return {"weights": {k: v.detach().clone() for k, v in self.reward.model.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "recent": self.recent, "history": self.history}
+                "optimizer": self.optimizer.state_dict(), "recent": [self.stored(x) for x in self.recent],
+                "history": [self.stored(x) for x in self.history]}
 
     def load_state(self, state: dict) -> None:
         self.reward.model.load_state_dict(state["weights"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.recent = [tuple(p) for p in state["recent"]]
-        self.history = [tuple(p) for p in state["history"]]
+        self.recent = [self.example(p) for p in state["recent"]]
+        self.history = [self.example(p) for p in state["history"]]
+
+    @staticmethod
+    def stored(example):
+        return example
+
+    @staticmethod
+    def example(stored):
+        return tuple(stored)
+
+
+class ProcessRewardModelLearner(RewardModelLearner):
+    """The run's process reward model, trained further on the policy's samples with step labels from `labeler`."""
+
+    def __init__(self, reward: ProcessRewardModelReward, cfg: RewardModelUpdatesConfig, seed: int):
+        if cfg.labeler is None:
+            raise ValueError("rewards.reward_model_updates.labeler names the process reward (e.g. arithmetic_steps) "
+                             "whose step labels the process reward model learns")
+        super().__init__(reward, cfg, judge=[], judge_weights=[], seed=seed)
+        self.labeler = resolve_reward(cfg.labeler)
+
+    def observe_steps(self, prompts: list, completions: list[str], completion_ids: list[list[int]], steps: list,
+                      columns: dict) -> None:
+        """A chain per sample with a labelled step: prompt ids + completion ids, the steps' end tokens and the
+        labeler's step rewards (clamped to [0, 1]; None: not trained on). steps: (texts, ends) per sample."""
+        labels = self.labeler(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                              steps=[t for t, _ in steps], step_ends=[e for _, e in steps], **columns)
+        for prompt, ids, (_, ends), step_labels in zip(prompts, completion_ids, steps, labels, strict=True):
+            if not isinstance(step_labels, (list, tuple)) or len(step_labels) != len(ends):
+                raise ValueError(f"rewards.reward_model_updates.labeler={self.cfg.labeler!r} must return one label "
+                                 f"per step")
+            values = [math.nan if x is None else min(max(float(x), 0.0), 1.0) for x in step_labels]
+            if ends and not all(math.isnan(v) for v in values):
+                prompt_ids = list(encode_prompt(self.reward.tokenizer, prompt))
+                self.recent.append(Chain(prompt_ids + list(ids), [len(prompt_ids) + e for e in ends], values))
+
+    def loss(self, chains) -> tuple[torch.Tensor, float]:
+        """Binary cross-entropy at the labelled step ends: (loss, the share of those steps on the right side of
+        0.5)."""
+        model = self.reward.model
+        input_ids, attention_mask, targets = collate(chains, self.reward.tokenizer.pad_token_id, model.device)
+        logits = token_logits(model, input_ids, attention_mask)
+        labelled = ~targets.isnan()
+        right = ((logits[labelled] > 0) == (targets[labelled] > 0.5)).float().mean().item()
+        return step_loss(logits, targets), right
+
+    @staticmethod
+    def stored(example: Chain):
+        return [example.ids, example.ends, [None if math.isnan(v) else v for v in example.labels]]
+
+    @staticmethod
+    def example(stored) -> Chain:
+        ids, ends, labels = stored
+        return Chain(list(ids), list(ends), [math.nan if v is None else v for v in labels])

@@ -137,3 +137,83 @@ def test_updates_need_a_reward_model_and_a_judge(models, tmp_path):
     with pytest.raises(ValueError, match="labels samples by the accuracy reward"):
         train(load_config(GRPOConfig, None, [*args[:-2], f"log.run_dir={tmp_path / 'b'}",
                                              "rewards.reward_model_updates.source=verifier"]))
+
+
+@pytest.fixture(scope="module")
+def prm_path(tmp_path_factory):
+    from transformers import Qwen2ForTokenClassification
+
+    from fastgrpo.tiny import char_tokenizer, tiny_config
+
+    path = tmp_path_factory.mktemp("prm")
+    tok = char_tokenizer()
+    config = tiny_config(vocab_size=len(tok), hidden=64, intermediate=128)
+    config.num_labels, config.pad_token_id = 1, tok.pad_token_id
+    torch.manual_seed(0)
+    Qwen2ForTokenClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def digit_labels(steps, **kwargs):
+    """Step labels a random policy's text varies in: whether the step holds a digit."""
+    return [[float(any(ch.isdigit() for ch in step)) for step in completion] for completion in steps]
+
+
+def prm_args(models, prm, run_dir, steps):
+    policy, _ = models
+    return [f"model.path={policy}", f"log.run_dir={run_dir}", "log.tensorboard=false", "log.save_every=2",
+            "data.num_examples=64", "data.max_prompt_length=32", "generation.backend=hf",
+            "generation.num_generations=4", "generation.max_completion_length=24", "train.prompts_per_step=4",
+            f"train.steps={steps}", "train.lr=3e-3", "rewards.funcs=[process_reward_model,accuracy]",
+            "rewards.weights=[1.0,1.0]", f"rewards.process_reward_model={prm}",
+            "rewards.step_pattern='[aeiou ]'", "rewards.reward_model_updates.every=2",
+            "rewards.reward_model_updates.steps=2", "rewards.reward_model_updates.pairs_per_step=4",
+            "rewards.reward_model_updates.labeler=test_iterative:digit_labels", "rewards.reward_model_updates.lr=1e-3"]
+
+
+def test_a_process_reward_model_learns_the_labelers_steps(prm_path):
+    from fastgrpo.iterative import ProcessRewardModelLearner
+    from fastgrpo.prm import ProcessRewardModelReward
+    from fastgrpo.rewards import ARITHMETIC_STEP_PATTERN
+    from fastgrpo.steps import find_steps
+
+    def make():
+        cfg = RewardModelUpdatesConfig(every=1, steps=15, pairs_per_step=4, lr=3e-3, labeler="arithmetic_steps")
+        return ProcessRewardModelLearner(ProcessRewardModelReward(prm_path), cfg, seed=0)
+
+    learner = make()
+    tok = learner.reward.tokenizer
+    texts = ["<think>7+8=15 4+3+1=8</think>Answer: 85", "<think>7+8=16 4+3=7</think>Answer: 76", "hello"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    steps = [find_steps(tok, i, ARITHMETIC_STEP_PATTERN) for i in ids]
+    learner.observe_steps(["47+38="] * 3, texts, ids, steps, {"answer": ["85"] * 3})
+    assert [c.labels for c in learner.recent] == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]  # "hello": no labelled step
+    assert learner.recent[0].ends == [len(learner.recent[0].ids) - len(ids[0]) + e for e in steps[0][1]]
+    before = learner.reward(prompts=["47+38="] * 2, completions=texts[:2], completion_ids=ids[:2],
+                            step_ends=[s[1] for s in steps[:2]])
+    state = learner.state()
+    metrics = learner.update(step=0)
+    after = learner.reward(prompts=["47+38="] * 2, completions=texts[:2], completion_ids=ids[:2],
+                           step_ends=[s[1] for s in steps[:2]])
+    assert min(after[0]) > max(after[1]) and metrics["reward_model/train_accuracy"] > 0.5
+    assert sum(after[0]) - sum(after[1]) > sum(before[0]) - sum(before[1])
+    again = make()  # from the saved state (through the checkpoint's encoding), the same update
+    from fastgrpo.checkpoint import _decode, _encode
+
+    tensors = {}
+    again.load_state(_decode(_encode(state, tensors, "state"), tensors))
+    again.update(step=0)
+    assert all(torch.equal(a, b) for a, b in zip(learner.reward.model.state_dict().values(),
+                                                 again.reward.model.state_dict().values()))
+
+
+def test_a_run_with_a_learning_process_reward_model_resumes_exactly(models, prm_path, tmp_path, monkeypatch):
+    from fastgrpo.grpo import train
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    straight = train(load_config(GRPOConfig, None, prm_args(models, prm_path, tmp_path / "straight", 4)))
+    assert "reward_model/loss" in straight[1] and straight[0]["steps/per_completion_mean"] > 1
+    train(load_config(GRPOConfig, None, prm_args(models, prm_path, tmp_path / "parts", 2)))
+    resumed = train(load_config(GRPOConfig, None, prm_args(models, prm_path, tmp_path / "parts", 4)))
+    assert untimed(resumed) == untimed(straight)
