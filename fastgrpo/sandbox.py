@@ -152,6 +152,7 @@ class Sandbox:
         python = [_python(), "-I", "-S", "-c", WORKER_SOURCE, json.dumps(settings)]
         argv = _bwrap_argv(self._tmpfs_bytes()) + python if self.isolated else python
         worker = _Worker(argv, None if self.isolated else root)
+        worker.uid = uid
         with self._lock:
             self._workers.append(worker)
         return worker
@@ -187,6 +188,7 @@ class _Worker:
 
     def __init__(self, argv: list[str], host_root: str | None):
         self.host_root = host_root
+        self.uid: int | None = None  # what its programs run as, if not the trainer's uid
         env = {"PATH": "/usr/bin:/bin"}
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env,
                                      cwd=host_root or "/", start_new_session=True)
