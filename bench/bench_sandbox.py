@@ -80,9 +80,11 @@ def main(argv=None) -> None:
     print(report)
 
 
+FAILED = []  # statuses of the pool's trivial programs that did not pass (a loaded machine can time them out)
+
+
 def _check(results) -> None:
-    bad = [r for r in results if r.passed != [True]]
-    assert not bad, f"{len(bad)} trivial programs failed in the pool: {bad[0]}"
+    FAILED.extend(r.status for r in results if r.passed != [True])
 
 
 def render(rates, ways, args, cores, workers, start_s, load) -> str:
@@ -104,6 +106,8 @@ def render(rates, ways, args, cores, workers, start_s, load) -> str:
         f"1-minute load average {load[0]:.1f} before, {load[1]:.1f} after (other work shares these cores).",
         "",
         *lines,
+        "",
+        f"Pool programs that did not pass: {len(FAILED)} ({', '.join(sorted(set(FAILED))) or 'none'}).",
         "",
     ])
 

@@ -70,14 +70,22 @@ def _run_asserts(job, jobdir, settings, deadline):
     status = _run_child(jobdir, settings, deadline, None, results,
                         lambda report: _assert_harness(job["code"], job["tests"], job["nonce"], report))
     passed = [False] * len(job["tests"])
-    with open(results, "rb") as f:
-        for line in f.read(1 << 16).splitlines():  # a program may have written here too: only nonce lines count
-            fields = line.split()
-            if len(fields) == 3 and fields[0] == job["nonce"].encode() and fields[2] == b"1":
-                index = int(fields[1]) if fields[1].isdigit() else -1
-                if 0 <= index < len(passed):
-                    passed[index] = True
+    for line in _head(results, 1 << 16).splitlines():  # a program may have written here too: only nonce lines count
+        fields = line.split()
+        if len(fields) == 3 and fields[0] == job["nonce"].encode() and fields[2] == b"1":
+            index = int(fields[1]) if fields[1].isdigit() else -1
+            if 0 <= index < len(passed):
+                passed[index] = True
     return {"passed": passed, "status": status}
+
+
+def _head(path, size):
+    """The first `size` bytes of a file a child writes; none if it was killed before creating it."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except FileNotFoundError:
+        return b""
 
 
 def _assert_harness(code, tests, nonce, report):
@@ -99,8 +107,7 @@ def _run_stdio(job, jobdir, settings, deadline):
         with open(stdin, "w") as f:
             f.write(given)
         case_status = _run_child(jobdir, settings, deadline, stdin, None, lambda report: _stdio_harness(job["code"]))
-        with open(os.path.join(jobdir, ".stdout"), "rb") as f:
-            out = f.read(settings["max_output_bytes"] + 1).decode(errors="replace")
+        out = _head(os.path.join(jobdir, ".stdout"), settings["max_output_bytes"] + 1).decode(errors="replace")
         passed.append(case_status == "ok" and _same_output(out, expected))
         status = case_status if status == "ok" else status
     return {"passed": passed, "status": status}

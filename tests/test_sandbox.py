@@ -218,3 +218,10 @@ def test_a_program_repeated_in_a_batch_runs_once(reward, monkeypatch):
     out = reward(prompts=["p"] * 5, completions=[same, same, other, same, same],
                  tests=[TESTS, TESTS, TESTS, TESTS, ["assert f(5) == 6"]])
     assert out == [1.0, 1.0, 0.5, 1.0, 1.0] and runs == [3]
+
+
+def test_a_program_killed_before_it_starts_is_a_timeout_not_a_lost_worker():
+    """With no time left, the child never writes its results (or stdout) file: the worker must still answer."""
+    with Sandbox(CodeConfig(timeout_s=1e-6, workers=1)) as box:
+        results = box.run([Program(SOLUTION, TESTS), Program("print(1)", [("", "1")])] * 2)
+    assert results == [Result([False, False], "timeout"), Result([False], "timeout")] * 2
