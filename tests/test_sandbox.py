@@ -158,8 +158,8 @@ def test_a_fork_bomb(reward):
 
 
 def test_a_process_left_running_is_killed(reward):
-    value, _ = hostile(reward, "import os\nif os.fork() == 0:\n    while True:\n        pass\n")
-    assert value == 1.0  # the program itself is right; what it left spinning is killed (checked by hostile)
+    value, _ = hostile(reward, "import os, time\nif os.fork() == 0:\n    while True:\n        time.sleep(1)\n")
+    assert value == 1.0  # the program itself is right; what it left running is killed (checked by hostile)
 
 
 def test_a_10_gb_allocation(reward):
