@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -31,12 +32,17 @@ def worktree(rev: str, parent: Path) -> Path:
     return path
 
 
-def run(tree: Path, run_dir: Path, model: str, overrides: list[str]) -> list[dict]:
+def run(tree: Path, run_dir: Path, model: str, overrides: list[str]) -> tuple[list[dict], float]:
+    """(the run's metrics.jsonl rows, the CPU seconds its process used: less swayed by a busy machine than the
+    wall-clock timers)."""
     env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'kernels' / 'src'}", "OMP_NUM_THREADS": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run([sys.executable, "-m", "fastgrpo.grpo", "configs/grpo_tiny.yaml", f"model.path={model}",
                     f"log.run_dir={run_dir}", "log.tensorboard=false", *overrides], cwd=tree, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()], cpu_s
 
 
 def untimed(rows: list[dict]) -> list[dict]:
@@ -60,21 +66,23 @@ def main():
         if args.after:
             trees["after"] = worktree(args.after, tmp / "trees")
         try:
-            rows = {name: [] for name in trees}
+            rows, cpu = {name: [] for name in trees}, {name: [] for name in trees}
             for r in range(args.rounds):
                 for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
-                    rows[name].append(run(trees[name], tmp / f"{name}-{r}", args.model, args.overrides))
+                    metrics, cpu_s = run(trees[name], tmp / f"{name}-{r}", args.model, args.overrides)
+                    rows[name].append(metrics)
+                    cpu[name].append(cpu_s)
         finally:
             for name, tree in trees.items():
                 if tree != ROOT:
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
-    report = render(args, rows)
+    report = render(args, rows, cpu)
     print(report)
     if args.out:
         args.out.write_text(report)
 
 
-def render(args, rows: dict) -> str:
+def render(args, rows: dict, cpu: dict) -> str:
     lines = [f"# {args.before} vs {args.after or 'working tree'}: fixed-seed GRPO runs", "",
              f"`python bench/compare_commits.py {args.before} {args.after or ''} --model MODEL --rounds {args.rounds}"
              f" -- {' '.join(args.overrides)}`", "",
@@ -84,6 +92,10 @@ def render(args, rows: dict) -> str:
         ratios = [a / b for a, b in zip(med["after"], med["before"]) if b > 0]
         lines.append(f"| {phase} | {statistics.median(med['before']):.3f} | {statistics.median(med['after']):.3f} | "
                      f"{statistics.median(ratios):.3f} ({', '.join(f'{x:.3f}' for x in ratios)}) |")
+    ratios = [a / b for a, b in zip(cpu["after"], cpu["before"])]
+    lines.append(f"| CPU seconds of the whole run | {statistics.median(cpu['before']):.1f} | "
+                 f"{statistics.median(cpu['after']):.1f} | {statistics.median(ratios):.3f} "
+                 f"({', '.join(f'{x:.3f}' for x in ratios)}) |")
     same = all(untimed(a) == untimed(b) for a, b in zip(rows["before"], rows["after"]))
     steady = all(untimed(run) == untimed(rows[n][0]) for n in rows for run in rows[n])
     lines += ["", f"metrics.jsonl (timing keys aside): {'identical' if same else 'DIFFERENT'} between the commits; "
