@@ -43,6 +43,7 @@ SIZES = {"train.steps": 2, "log.save_every": 2, "train.prompts_per_step": 4, "tr
          "k": 4, "generation.gpu_memory_utilization": 0.3}
 GRPO_ON_CPU = {"model.dtype": "float32"}  # see the module docstring
 INPUTS = {"path", "model", "source", "general_source", "reward_model"}  # keys that name a model or dataset to read
+NOT_INPUTS = ("reward_model_updates.source",)  # keys of those names that hold a choice (verifier | preferences)
 
 
 # every model or dataset a shipped config reads -> the kind of local stand-in the `standins` fixture builds for it
@@ -130,7 +131,8 @@ def overrides(path: Path, standins: dict, run_dir: Path) -> list[str]:
             value, name = n[key], f"{prefix}{key}"
             if OmegaConf.is_dict(value):
                 walk(value, f"{name}.")
-            elif key in INPUTS and isinstance(value, str) and not value.startswith(("builtin:", "@")):
+            elif (key in INPUTS and isinstance(value, str) and not value.startswith(("builtin:", "@"))
+                  and not name.endswith(NOT_INPUTS)):
                 names[name] = value
 
     walk(node, "")
