@@ -132,7 +132,7 @@ def test_updates_need_a_reward_model_and_a_judge(models, tmp_path):
     from fastgrpo.grpo import train
 
     args = run_args(models, tmp_path / "a", 1)
-    with pytest.raises(ValueError, match="add reward_model to rewards.funcs"):
+    with pytest.raises(ValueError, match=r"add reward_model \(or process_reward_model\) to rewards.funcs"):
         train(load_config(GRPOConfig, None, [*args, "rewards.funcs=[test_iterative:sevens]", "rewards.weights=[1.0]"]))
     with pytest.raises(ValueError, match="labels samples by the accuracy reward"):
         train(load_config(GRPOConfig, None, [*args[:-2], f"log.run_dir={tmp_path / 'b'}",
