@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .config import RewardModelUpdatesConfig
 from .data import encode_prompt
 from .prm import Chain, ProcessRewardModelReward, collate, step_loss, token_logits
+from .reward_model import margins
 from .rewards import RewardModelReward, render_conversation, resolve_reward
 
 SOURCES = ("verifier", "preferences")
@@ -120,12 +121,9 @@ class RewardModelLearner:
                 [rng.choice(self.history) for _ in range(replay)])
 
     def loss(self, pairs) -> tuple[torch.Tensor, float]:
-        """Bradley-Terry on (chosen, rejected) pairs: (loss, the share of pairs ranked right)."""
-        tokenizer, model = self.reward.tokenizer, self.reward.model
-        sequences = [c for c, _ in pairs] + [r for _, r in pairs]
-        batch = tokenizer.pad({"input_ids": sequences}, padding=True, padding_side="right", return_tensors="pt")
-        rewards = model(**batch.to(model.device)).logits[:, 0].float()  # (2P,)
-        margin = rewards[:len(pairs)] - rewards[len(pairs):]
+        """Bradley-Terry on (chosen, rejected) pairs, as the reward-model stage trains: (loss, the share of pairs
+        ranked right)."""
+        margin = margins(self.reward.model, self.reward.tokenizer, pairs)  # (P,)
         return -F.logsigmoid(margin).mean(), (margin.detach() > 0).float().mean().item()
 
     def state(self) -> dict:
