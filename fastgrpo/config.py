@@ -223,21 +223,23 @@ def _read_yaml(path):
     return node
 
 
-def load_config(schema: type, path: str | Path | None = None, overrides: list[str] = ()):
-    """Defaults from `schema`, then the YAML at `path`, then `key=value` overrides; returns a typed object."""
-    if path is not None and not Path(path).is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+def load_config(schema: type, path: str | Path | list | None = None, overrides: list[str] = ()):
+    """Defaults from `schema`, then the YAML at `path` (or each of a list of paths, later ones over earlier ones),
+    then `key=value` overrides; returns a typed object."""
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    for p in paths:
+        if not Path(p).is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
         cfg = OmegaConf.structured(schema)
         OmegaConf.set_struct(cfg, True)
-        layers = [_read_yaml(path)] if path else []
-        cfg = OmegaConf.merge(cfg, *layers, *map(_override, overrides))
+        cfg = OmegaConf.merge(cfg, *map(_read_yaml, paths), *map(_override, overrides))
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
         _record_environment(cfg)
     except OmegaConfBaseException as err:
-        where = f" in {path}" if path else ""
+        where = f" in {' + '.join(map(str, paths))}" if paths else ""
         key = getattr(err, "full_key", None)
         message = str(err).splitlines()[0]
         prefix = f"{key}: " if key and key not in message else ""
@@ -257,10 +259,10 @@ def _override(item: str):
 
 
 def load_cli_config(schema: type, argv: list[str]):
-    """`CONFIG.yaml [key=value ...]` or only `key=value ...` (the schema's defaults, then the overrides)."""
-    if argv and "=" not in argv[0]:
-        return load_config(schema, argv[0], argv[1:])
-    return load_config(schema, None, argv)
+    """`CONFIG.yaml [VARIANT.yaml ...] [key=value ...]`, or only `key=value ...`: the schema's defaults, then each
+    YAML file over the one before (a variant file holds only what it changes), then the overrides."""
+    n = next((i for i, arg in enumerate(argv) if "=" in arg), len(argv))
+    return load_config(schema, argv[:n] or None, argv[n:])
 
 
 # What load_config read from the environment, by the dotted key it was set at: (the value, the interpolation it came

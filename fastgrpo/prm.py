@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import LogConfig, ModelConfig, load_config, to_yaml
+from .config import LogConfig, ModelConfig, load_cli_config, to_yaml
 from .data import builtin_dataset, check_prompts, decode, encode_prompt, load_file
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .models import load_model
@@ -506,7 +506,7 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
-    result = train(load_config(PRMConfig, argv[0], argv[1:]))
+    result = train(load_cli_config(PRMConfig, argv))
     print(f"held-out step accuracy {result['accuracy']:.3f} (always the commoner label: "
           f"{result['majority_accuracy']:.3f}), AUC {result['auc']:.3f} (from step positions alone: "
           f"{result['position_prior_auc']:.3f}; {result['steps']} steps of {result['chains']} chains)")

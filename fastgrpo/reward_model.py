@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import fsync, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import LogConfig, ModelConfig, load_config, to_yaml
+from .config import LogConfig, ModelConfig, load_cli_config, to_yaml
 from .data import builtin_dataset, check_prompts, load_file
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .models import load_model
@@ -208,7 +208,7 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
-    result = train(load_config(RewardModelConfig, argv[0], argv[1:]))
+    result = train(load_cli_config(RewardModelConfig, argv))
     print(f"held-out pairwise accuracy {result['accuracy']:.3f}, mean margin {result['margin']:.3f} "
           f"({result['pairs']} pairs)")
 

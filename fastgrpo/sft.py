@@ -21,7 +21,7 @@ from tqdm import tqdm
 from fastgrpo_kernels import fused_linear_cross_entropy
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import LogConfig, ModelConfig, load_config, write_run_config
+from .config import LogConfig, ModelConfig, load_cli_config, write_run_config
 from .data import builtin_dataset, check_prompts, encode_prompt, load_file
 from .distributed import all_reduce_sum, clip_grad_norm_, end_worker, init_distributed, world
 from .metrics import MetricsLogger, Timer, peak_memory_mib
@@ -189,7 +189,7 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
-    history = train(load_config(SFTConfig, argv[0], argv[1:]))
+    history = train(load_cli_config(SFTConfig, argv))
     if history:
         print(f"done: loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}")
     end_worker()
