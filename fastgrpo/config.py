@@ -116,6 +116,10 @@ class RewardModelUpdatesConfig:
     buffer_pairs: int = 4096  # older pairs kept for replay
     source: str = "verifier"  # verifier: right over wrong by accuracy | preferences: best over worst by the rest
     labeler: str | None = None  # a process reward model's step labels: a process reward by name (arithmetic_steps)
+    # the label of a step the labeler abstains on (None); None: such steps are not trained on. 0.0 teaches the
+    # process reward model that text the labeler does not recognize as a step is a wrong one, which is what keeps
+    # a policy drifting to such text from being rewarded for it (docs/supervision/RESULTS.md)
+    unlabeled: float | None = None
     lr: float = 1e-5
     max_grad_norm: float = 1.0
 

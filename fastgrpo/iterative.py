@@ -160,17 +160,23 @@ class ProcessRewardModelLearner(RewardModelLearner):
     def observe_steps(self, prompts: list, completions: list[str], completion_ids: list[list[int]], steps: list,
                       columns: dict) -> None:
         """A chain per sample with a labelled step: prompt ids + completion ids, the steps' end tokens and the
-        labeler's step rewards (clamped to [0, 1]; None: not trained on). steps: (texts, ends) per sample."""
+        labeler's step rewards (clamped to [0, 1]; None: cfg.unlabeled). steps: (texts, ends) per sample."""
         labels = self.labeler(prompts=prompts, completions=completions, completion_ids=completion_ids,
                               steps=[t for t, _ in steps], step_ends=[e for _, e in steps], **columns)
         for prompt, ids, (_, ends), step_labels in zip(prompts, completion_ids, steps, labels, strict=True):
             if not isinstance(step_labels, (list, tuple)) or len(step_labels) != len(ends):
                 raise ValueError(f"rewards.reward_model_updates.labeler={self.cfg.labeler!r} must return one label "
                                  f"per step")
-            values = [math.nan if x is None else min(max(float(x), 0.0), 1.0) for x in step_labels]
+            values = [self.label(x) for x in step_labels]
             if ends and not all(math.isnan(v) for v in values):
                 prompt_ids = list(encode_prompt(self.reward.tokenizer, prompt))
                 self.recent.append(Chain(prompt_ids + list(ids), [len(prompt_ids) + e for e in ends], values))
+
+    def label(self, x) -> float:
+        """A labeler's step reward as a training label in [0, 1]; NaN: not trained on."""
+        if x is None:
+            return math.nan if self.cfg.unlabeled is None else float(self.cfg.unlabeled)
+        return min(max(float(x), 0.0), 1.0)
 
     def loss(self, chains) -> tuple[torch.Tensor, float]:
         """Binary cross-entropy at the labelled step ends: (loss, the share of those steps on the right side of

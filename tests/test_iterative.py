@@ -208,6 +208,26 @@ def test_a_process_reward_model_learns_the_labelers_steps(prm_path):
                                                  again.reward.model.state_dict().values()))
 
 
+def test_steps_the_labeler_abstains_on_get_the_unlabeled_label(prm_path):
+    """Off-task text (the labeler's None) is skipped by default, and a wrong step with unlabeled=0.0."""
+    from fastgrpo.iterative import ProcessRewardModelLearner
+    from fastgrpo.prm import ProcessRewardModelReward
+    from fastgrpo.rewards import ARITHMETIC_STEP_PATTERN
+    from fastgrpo.steps import find_steps
+
+    texts = ["<think>7+8=15 9 hello</think>Answer: 85", "hello hello"]
+    labels = {}
+    for unlabeled in (None, 0.0):
+        cfg = RewardModelUpdatesConfig(every=1, labeler="arithmetic_steps", unlabeled=unlabeled)
+        learner = ProcessRewardModelLearner(ProcessRewardModelReward(prm_path), cfg, seed=0)
+        ids = [learner.reward.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        steps = [find_steps(learner.reward.tokenizer, i, ARITHMETIC_STEP_PATTERN) for i in ids]
+        learner.observe_steps(["47+38="] * 2, texts, ids, steps, {"answer": ["85"] * 2})
+        labels[unlabeled] = [[None if math.isnan(v) else v for v in c.labels] for c in learner.recent]
+    assert labels[None] == [[1.0, None, 1.0]]  # "hello hello" has no labelled step: not a training chain
+    assert labels[0.0] == [[1.0, 0.0, 1.0], [0.0]]
+
+
 def test_a_run_with_a_learning_process_reward_model_resumes_exactly(models, prm_path, tmp_path, monkeypatch):
     from fastgrpo.grpo import train
 
