@@ -6,6 +6,8 @@ Stages, in order (a config section each; `stages` picks which run):
   reward_model        the stage-4 reward model, trained on preference pairs (independent of the policy, so it
                       runs first and every stage's evaluation can report helpfulness)
   cold_start          1. SFT on chain-of-thought data
+  process_reward_model   a PRM trained on the cold-start model's own steps, for process-supervised stage 2
+                      (not in the default `stages`: configs/r1_tiny_prm.yaml adds it)
   reasoning_rl        2. GRPO with rule rewards: accuracy, format, language consistency
   rejection_sampling  3. sample from the stage-2 model, keep what the verifiers accept, add general data...
   sft                    ...and SFT on that dataset, from the stage-2 model (or the base: sft.model.path="@base")
@@ -37,14 +39,18 @@ from omegaconf import OmegaConf
 from .checkpoint import latest_checkpoint
 from .config import ConfigError, DataConfig, GRPOConfig, ModelConfig, RewardConfig, load_cli_config, to_yaml
 from .evaluate import EvalConfig
+from .prm import PRMConfig, PRMDataConfig
 from .rejection import RejectionConfig
 from .reward_model import RewardModelConfig
 from .runs import RunError, command_line, lock_run_dir, read_record, start_child, stop_child, write_atomic
 from .sft import SFTConfig, SFTDataConfig
 
-STAGES = ["reward_model", "cold_start", "reasoning_rl", "rejection_sampling", "sft", "helpfulness_rl"]
-MODULES = {"reward_model": "fastgrpo.reward_model", "cold_start": "fastgrpo.sft", "reasoning_rl": "fastgrpo.grpo",
-           "rejection_sampling": "fastgrpo.rejection", "sft": "fastgrpo.sft", "helpfulness_rl": "fastgrpo.grpo"}
+STAGES = ["reward_model", "cold_start", "process_reward_model", "reasoning_rl", "rejection_sampling", "sft",
+          "helpfulness_rl"]
+MODULES = {"reward_model": "fastgrpo.reward_model", "cold_start": "fastgrpo.sft", "process_reward_model": "fastgrpo.prm",
+           "reasoning_rl": "fastgrpo.grpo", "rejection_sampling": "fastgrpo.rejection", "sft": "fastgrpo.sft",
+           "helpfulness_rl": "fastgrpo.grpo"}
+DEFAULT_STAGES = [s for s in STAGES if s != "process_reward_model"]  # R1 has no PRM: a variant adds it
 POLICY_STAGES = ["cold_start", "reasoning_rl", "sft", "helpfulness_rl"]  # those whose output is the policy
 TABLE_NAMES = {"base": "base model", "cold_start": "1 cold-start SFT", "reasoning_rl": "2 reasoning RL",
                "sft": "3 rejection sampling + SFT", "helpfulness_rl": "4 helpfulness RL"}
@@ -72,10 +78,14 @@ class PipelineConfig:
     threads: int = 0  # torch / OpenMP threads of each stage's process (0: torch's default)
     # how SFT and GRPO stages start, e.g. [torchrun, --nproc-per-node, "8"] (docs/SCALING.md); empty: one process
     launcher: list[str] = field(default_factory=list)
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
     reward_model: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(model=ModelConfig(path="@base")))
     cold_start: SFTConfig = field(default_factory=lambda: SFTConfig(model=_previous()))
+    # from the cold-start model, on its own samples' steps (configs/r1_tiny_prm.yaml); reasoning_rl reads it as
+    # rewards.process_reward_model="@process_reward_model"
+    process_reward_model: PRMConfig = field(default_factory=lambda: PRMConfig(
+        model=_previous(), data=PRMDataConfig(policy="@previous")))
     reasoning_rl: GRPOConfig = field(default_factory=lambda: GRPOConfig(model=_previous()))
     rejection_sampling: RejectionConfig = field(default_factory=lambda: RejectionConfig(model="@previous"))
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(model=_previous(),
@@ -209,7 +219,7 @@ def wait(proc: subprocess.Popen, every_tick) -> int:
 
 def stage_output(cfg: PipelineConfig, stage: str, config) -> str:
     out = stage_dir(cfg, stage)
-    if stage == "reward_model":
+    if stage in ("reward_model", "process_reward_model"):
         return str(out / "final")
     if stage == "rejection_sampling":
         return config.out

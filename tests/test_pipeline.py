@@ -15,7 +15,7 @@ from fastgrpo import pipeline
 from fastgrpo.config import ConfigError, load_config
 from fastgrpo.evaluate import majority_correct
 from fastgrpo.generation import Completion
-from fastgrpo.pipeline import STAGES, PipelineConfig, finished, run, run_stage, stage_output
+from fastgrpo.pipeline import DEFAULT_STAGES, STAGES, PipelineConfig, finished, run, run_stage, stage_output
 from fastgrpo.rejection import RejectionConfig, accepted_samples, repetitive
 from fastgrpo.runs import RunError
 
@@ -40,7 +40,8 @@ def quick_config(tmp_path, *overrides):
 def test_all_stages_run_chain_and_rerun_as_no_ops(tmp_path):
     cfg = quick_config(tmp_path)
     table = run(cfg)
-    done = {s: json.loads((tmp_path / s / "DONE.json").read_text()) for s in STAGES}
+    assert cfg.stages == DEFAULT_STAGES and "process_reward_model" not in cfg.stages  # R1's own stages
+    done = {s: json.loads((tmp_path / s / "DONE.json").read_text()) for s in cfg.stages}
     # each policy stage starts from the one before: the stage config that ran names the previous output
     for stage, previous in [("reasoning_rl", "cold_start"), ("sft", "reasoning_rl"), ("helpfulness_rl", "sft")]:
         ran = (tmp_path / stage / "stage.yaml").read_text()
@@ -62,9 +63,31 @@ def test_all_stages_run_chain_and_rerun_as_no_ops(tmp_path):
     assert (tmp_path / "plots" / "stages.png").stat().st_size > 0
     assert (tmp_path / "plots" / "reasoning_rl.png").stat().st_size > 0
 
-    logs = {s: (tmp_path / s / "stage.log").stat().st_mtime for s in STAGES}
+    logs = {s: (tmp_path / s / "stage.log").stat().st_mtime for s in cfg.stages}
     assert run(cfg) == table  # finished stages are skipped, evaluations reused
-    assert logs == {s: (tmp_path / s / "stage.log").stat().st_mtime for s in STAGES}
+    assert logs == {s: (tmp_path / s / "stage.log").stat().st_mtime for s in cfg.stages}
+
+
+def test_the_process_supervised_variant_trains_a_prm_on_the_cold_start_and_rl_keeps_training_it(tmp_path):
+    """configs/r1_tiny_prm.yaml over r1_tiny.yaml: the PRM stage starts from the cold-start model and labels its
+    samples; stage 2 gets step rewards from that PRM and updates it as it goes."""
+    cfg = load_config(PipelineConfig, [CONFIG, CONFIG.with_name("r1_tiny_prm.yaml")], [
+        f"run_dir={tmp_path}", f"base.path={tmp_path / 'base'}", *QUICK, "cold_start.train.steps=4",
+        "cold_start.log.save_every=4", "stages=[cold_start,process_reward_model,reasoning_rl]",
+        "process_reward_model.train.steps=4", "process_reward_model.data.num_examples=32",
+        "process_reward_model.data.eval_examples=8", "process_reward_model.data.policy_prompts=4",
+        "process_reward_model.data.policy_eval_prompts=2", "reasoning_rl.train.steps=2",
+        "reasoning_rl.rewards.reward_model_updates.every=1", "reasoning_rl.rewards.reward_model_updates.steps=1"])
+    run(cfg)
+    done = {s: json.loads((tmp_path / s / "DONE.json").read_text()) for s in cfg.stages}
+    prm = (tmp_path / "process_reward_model" / "stage.yaml").read_text()
+    assert prm.count(f"{done['cold_start']['output']}") == 2  # the model it starts from, and the policy it samples
+    assert done["process_reward_model"]["output"] == str(tmp_path / "process_reward_model" / "final")
+    rl = (tmp_path / "reasoning_rl" / "stage.yaml").read_text()
+    assert f"process_reward_model: {done['process_reward_model']['output']}" in rl
+    metrics = [json.loads(line) for line in open(tmp_path / "reasoning_rl" / "metrics.jsonl")]
+    assert all(m["steps/per_completion_mean"] >= 1 and "reward/process_reward_model" in m for m in metrics)
+    assert all("reward_model/loss" in m for m in metrics)  # the PRM trained after each step
 
 
 def test_an_interrupted_stage_resumes_from_its_checkpoint(tmp_path):

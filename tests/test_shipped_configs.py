@@ -33,7 +33,7 @@ from fastgrpo.sft import SFTConfig, cot_completion
 from fastgrpo.tiny import build_tiny_model
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-COVERED_ELSEWHERE = {"r1_tiny.yaml"}  # tests/test_pipeline.py
+COVERED_ELSEWHERE = {"r1_tiny.yaml", "r1_tiny_prm.yaml"}  # tests/test_pipeline.py
 SCHEMAS = {"r1_": PipelineConfig, "grpo_": GRPOConfig, "sft_": SFTConfig, "reward_model_": RewardModelConfig,
            "prm_": PRMConfig}
 # key (within a stage) -> the value this test runs it at
