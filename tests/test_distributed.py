@@ -136,10 +136,11 @@ def load_main(out_path: str, model_dir: str, dtype: str):
 
 class ScriptedGenerator:
     """Completions as a fixed function of (prompt, seed): what a seeded sampler gives, without its dependence on the
-    batch. A quarter of the prompts get G identical completions (a constant group, which dynamic sampling refills)."""
+    batch. A quarter of the prompts get G identical completions (a constant group, which dynamic sampling refills).
+    With `code`, each completion is a one-line Python function that passes some of a code-task row's asserts."""
 
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
+    def __init__(self, tokenizer, code: bool = False):
+        self.tokenizer, self.vocab_size, self.code = tokenizer, len(tokenizer), code
 
     def generate(self, prompts, sampling):
         from fastgrpo.generation import Completion
@@ -151,12 +152,22 @@ class ScriptedGenerator:
             group = []
             for j in range(sampling.n):
                 if key % 4 or j == 0:
-                    n = int(torch.randint(1, sampling.max_tokens + 1, (), generator=g))
-                    ids = torch.randint(8, self.vocab_size, (n,), generator=g).tolist()  # no special tokens
+                    if self.code:
+                        ids = self.function(g)[:sampling.max_tokens]
+                        n = len(ids)
+                    else:
+                        n = int(torch.randint(1, sampling.max_tokens + 1, (), generator=g))
+                        ids = torch.randint(8, self.vocab_size, (n,), generator=g).tolist()  # no special tokens
                     logprobs = (-3 * torch.rand(n, generator=g)).tolist()
                 group.append(Completion(ids, logprobs, "length" if n == sampling.max_tokens else "stop", i))
             out.append(group)
         return out
+
+    def function(self, g: torch.Generator) -> list[int]:
+        """A fenced f(x) = x <op> k: right on a task's every input, on some (f(0) == 0 for x * k), or none."""
+        op = ["+", "-", "*", "//"][int(torch.randint(0, 4, (), generator=g))]
+        k = int(torch.randint(1, 20, (), generator=g))
+        return self.tokenizer(f"```python\ndef f(x): return x {op} {k}\n```", add_special_tokens=False)["input_ids"]
 
     def sync_weights(self):
         return 0.0
@@ -179,6 +190,10 @@ def digit_steps(steps, **kwargs):
 
 
 PROCESS = "rewards.step_pattern='[aeiou]'"  # with it a job is scored by digit_steps and digits: process supervision
+# a job with CODE is the code task: its completions are code, scored by the sandboxed "code" reward
+CODE = "code-task"
+CODE_ARGS = ["data.source=builtin:code", "rewards.funcs=[code]", "rewards.weights=[1.0]",
+             "generation.max_completion_length=40"]
 
 
 GRPO_ARGS = [
@@ -203,17 +218,18 @@ def run_job(model_dir: str, work: Path, job: str) -> list[dict]:
     from fastgrpo.config import GRPOConfig, load_config
 
     trainer, run, steps, *rest = job.split(":")
+    code, rest = CODE in rest, [r for r in rest if r != CODE] + (CODE_ARGS if CODE in rest else [])
     backend = [r for r in rest if "=" not in r]
     common = [f"model.path={model_dir}", f"log.run_dir={work / f'{trainer}-{run}'}", f"train.steps={steps}",
               *(r for r in rest if "=" in r)]
-    funcs = [digit_steps, digits] if PROCESS in rest else [digits]
+    funcs = [digit_steps, digits] if PROCESS in rest else None if code else [digits]
     if trainer == "sft":
         return sft.train(load_config(sft.SFTConfig, None, [*SFT_ARGS, *common]))
     if backend:
         return grpo.train(load_config(GRPOConfig, None, [*GRPO_ARGS, *common, f"generation.backend={backend[0]}",
                                                          "generation.kv_cache_gib=0.05"]), reward_funcs=funcs)
     real = grpo.make_generator
-    grpo.make_generator = lambda cfg, model, tokenizer: ScriptedGenerator(len(tokenizer))
+    grpo.make_generator = lambda cfg, model, tokenizer: ScriptedGenerator(tokenizer, code)
     try:
         return grpo.train(load_config(GRPOConfig, None, [*GRPO_ARGS, *common]), reward_funcs=funcs)
     finally:
@@ -363,12 +379,14 @@ def test_trainers_on_one_and_two_ranks_and_resume_across_world_sizes(tmp_path, m
     ckpt = lambda run, step: work / run / "checkpoints" / f"step-{step:08d}"  # noqa: E731
 
     process = f"grpo:process:2:{PROCESS}"
-    one = _run([], "train", [model, work, "grpo:a:2", "sft:a:2", process], tmp_path, "one")
+    code = f"grpo:code:2:{CODE}"
+    one = _run([], "train", [model, work, "grpo:a:2", "sft:a:2", process, code], tmp_path, "one")
     for trainer in ("grpo", "sft"):
         _seed_from(work / f"{trainer}-a", work / f"{trainer}-c", step=1)
     mixed = "grpo:mixed:1:hf:model.dtype=bfloat16:train.lr=1e-6:train.weight_decay=0"
     two = _run(TORCHRUN, "train", [model, work, "grpo:b:1", "grpo:c:2", "sft:b:1", "sft:c:2", "grpo:hf:1:hf", mixed,
-                                   process.replace(":process:", ":process2:")], tmp_path, "two")
+                                   process.replace(":process:", ":process2:"), code.replace(":code:", ":code2:")],
+               tmp_path, "two")
     # A DCP .metadata pickle planted beside the optimizer slices that "back" resumes from: nothing reads it.
     marker = tmp_path / "pwned"
     for trainer in ("grpo", "sft"):
@@ -398,6 +416,10 @@ def test_trainers_on_one_and_two_ranks_and_resume_across_world_sizes(tmp_path, m
     _same_steps(two[process.replace(":process:", ":process2:")], one[process], GRPO_KEYS, "process: 2 ranks")
     _same_weights(ckpt("grpo-process2", 2), ckpt("grpo-process", 2))
     assert all(h["steps/per_completion_mean"] > 1 for h in one[process])
+    # the code task: each rank's sandbox pool scores its share of the programs, and the steps are the 1-rank ones
+    _same_steps(two[code.replace(":code:", ":code2:")], one[code], GRPO_KEYS, "code: 2 ranks")
+    _same_weights(ckpt("grpo-code2", 2), ckpt("grpo-code", 2))
+    assert all(0 < h["reward/code_reward"] < 1 and h["reward/std"] > 0 for h in one[code])
     (hf_step,) = two["grpo:hf:1:hf"]
     for key in ("reward/mean", "loss/entropy", "grad_norm", "completion/length_mean"):
         assert torch.isfinite(torch.tensor(hf_step[key])), key
