@@ -37,9 +37,8 @@ from .models import load_model
 from .packing import (PackedBatch, PackingStats, completion_rows, completion_values, pack, packed_backward,
                       packed_hidden_states, plan_micro_batches)
 from .precision import autocast
-from .iterative import ProcessRewardModelLearner, RewardModelLearner
-from .prm import ProcessRewardModelReward
-from .rewards import RewardModelReward, Scores, build_rewards, compute_rewards, reward_name
+from .iterative import RewardModelLearner, learn_from_rollout, make_learner
+from .rewards import Scores, build_rewards, compute_rewards, reward_name
 from .runs import RunError, check_model_path, command_line, lock_run_dir
 from .steps import compile_pattern, find_steps
 
@@ -496,45 +495,6 @@ def start_run(cfg: GRPOConfig, reward_funcs=None) -> tuple[Run, dict]:
                reward_names, dynamic_sampling_column(cfg, reward_names), loss_config, logger, learner), state
 
 
-def make_learner(cfg: GRPOConfig, funcs: list, weights: list[float], reward_names: list[str]):
-    """Iterative RL's learner of the run's reward model (rewards.reward_model_updates.every > 0), else None."""
-    updates = cfg.rewards.reward_model_updates
-    if updates.every <= 0:
-        return None
-    process = [f for f in funcs if isinstance(f, ProcessRewardModelReward)]
-    if process:
-        return ProcessRewardModelLearner(process[0], updates, cfg.train.seed)
-    models = [i for i, f in enumerate(funcs) if isinstance(f, RewardModelReward)]
-    if not models:
-        raise ValueError("rewards.reward_model_updates trains the run's reward model: add reward_model (or "
-                         "process_reward_model) to rewards.funcs")
-    if updates.source == "verifier":
-        if "accuracy_reward" not in reward_names:
-            raise ValueError("rewards.reward_model_updates.source=verifier labels samples by the accuracy reward: "
-                             "add accuracy to rewards.funcs")
-        judge = [reward_names.index("accuracy_reward")]
-    else:
-        judge = [i for i in range(len(funcs)) if i != models[0]]
-    return RewardModelLearner(funcs[models[0]], updates, judge, [weights[i] for i in judge], cfg.train.seed)
-
-
-def update_reward_model(run: Run, rollout: Rollout, step: int) -> dict:
-    """Iterative RL: the step's samples become pairs; every rewards.reward_model_updates.every steps the reward
-    model trains on them (and replayed older ones), and the next step's rewards come from the updated model."""
-    cfg = run.cfg
-    texts = [decode(run.tokenizer, ids) for ids in rollout.completion_ids]
-    prompts = [row[cfg.data.prompt_column] for row in rollout.rows]
-    if isinstance(run.learner, ProcessRewardModelLearner):
-        steps = [find_steps(run.tokenizer, ids, cfg.rewards.step_pattern) for ids in rollout.completion_ids]
-        columns = {k: [row[k] for row in rollout.rows] for k in rollout.rows[0] if k != cfg.data.prompt_column}
-        run.learner.observe_steps(prompts, texts, rollout.completion_ids, steps, columns)
-    else:
-        run.learner.observe(prompts, texts, rollout.per_func, cfg.generation.num_generations)
-    if (step + 1) % cfg.rewards.reward_model_updates.every:
-        return {}
-    return run.learner.update(step)
-
-
 def grpo_step(run: Run, step: int) -> dict:
     """One step: rollout -> advantages -> prepare -> update -> the generator sees the new weights; its metrics."""
     cfg, G = run.cfg, run.cfg.generation.num_generations
@@ -554,7 +514,7 @@ def grpo_step(run: Run, step: int) -> dict:
         run.generator.sync_weights()
     if run.learner is not None:
         with timer("reward_model"):
-            loss_metrics.update(update_reward_model(run, rollout, step))
+            loss_metrics.update(learn_from_rollout(run.learner, cfg, run.tokenizer, rollout, step))
     completion_tokens = sum(len(c) for c in rollout.completion_ids)
     return {**rollout_metrics(rollout, advantages, run.reward_names, G), **loss_metrics, **timer.as_dict(),
             "tokens_per_s": completion_tokens / max(sum(timer.as_dict().values()), 1e-9),

@@ -28,11 +28,12 @@ import random
 import torch
 import torch.nn.functional as F
 
-from .config import RewardModelUpdatesConfig
-from .data import encode_prompt
+from .config import GRPOConfig, RewardModelUpdatesConfig
+from .data import decode, encode_prompt
 from .prm import Chain, ProcessRewardModelReward, collate, step_loss, token_logits
 from .reward_model import margins
 from .rewards import RewardModelReward, render_conversation, resolve_reward
+from .steps import find_steps
 
 SOURCES = ("verifier", "preferences")
 
@@ -196,3 +197,42 @@ class ProcessRewardModelLearner(RewardModelLearner):
     def example(stored) -> Chain:
         ids, ends, labels = stored
         return Chain(list(ids), list(ends), [math.nan if v is None else v for v in labels])
+
+
+def make_learner(cfg: GRPOConfig, funcs: list, weights: list[float], reward_names: list[str]):
+    """Iterative RL's learner of the run's reward model (rewards.reward_model_updates.every > 0), else None."""
+    updates = cfg.rewards.reward_model_updates
+    if updates.every <= 0:
+        return None
+    process = [f for f in funcs if isinstance(f, ProcessRewardModelReward)]
+    if process:
+        return ProcessRewardModelLearner(process[0], updates, cfg.train.seed)
+    models = [i for i, f in enumerate(funcs) if isinstance(f, RewardModelReward)]
+    if not models:
+        raise ValueError("rewards.reward_model_updates trains the run's reward model: add reward_model (or "
+                         "process_reward_model) to rewards.funcs")
+    if updates.source == "verifier":
+        if "accuracy_reward" not in reward_names:
+            raise ValueError("rewards.reward_model_updates.source=verifier labels samples by the accuracy reward: "
+                             "add accuracy to rewards.funcs")
+        judge = [reward_names.index("accuracy_reward")]
+    else:
+        judge = [i for i in range(len(funcs)) if i != models[0]]
+    return RewardModelLearner(funcs[models[0]], updates, judge, [weights[i] for i in judge], cfg.train.seed)
+
+
+def learn_from_rollout(learner: RewardModelLearner, cfg: GRPOConfig, tokenizer, rollout, step: int) -> dict:
+    """The GRPO step's samples (a grpo.Rollout) become pairs or labelled chains; every
+    rewards.reward_model_updates.every steps the reward model trains on them (and replayed older ones), and the
+    next step's rewards come from the updated model. Returns the update's metrics ({} between updates)."""
+    texts = [decode(tokenizer, ids) for ids in rollout.completion_ids]
+    prompts = [row[cfg.data.prompt_column] for row in rollout.rows]
+    if isinstance(learner, ProcessRewardModelLearner):
+        steps = [find_steps(tokenizer, ids, cfg.rewards.step_pattern) for ids in rollout.completion_ids]
+        columns = {k: [row[k] for row in rollout.rows] for k in rollout.rows[0] if k != cfg.data.prompt_column}
+        learner.observe_steps(prompts, texts, rollout.completion_ids, steps, columns)
+    else:
+        learner.observe(prompts, texts, rollout.per_func, cfg.generation.num_generations)
+    if (step + 1) % cfg.rewards.reward_model_updates.every:
+        return {}
+    return learner.update(step)
