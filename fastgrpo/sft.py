@@ -67,7 +67,10 @@ class SFTConfig:
 
 
 def cot_completion(example: dict, eos: str) -> str:
-    """The R1 cold-start format: reasoning in <think> tags, then the answer."""
+    """The R1 cold-start format: reasoning in <think> tags, then the answer; a task without a chain of thought
+    (builtin:code, whose answer is the solution itself) is the answer alone."""
+    if "cot" not in example:
+        return f"{example['answer']}{eos}"
     return f"<think>{example['cot']}</think>Answer: {example['answer']}{eos}"
 
 
