@@ -6,20 +6,23 @@ TRITON_INTERPRET=1 (tests/conftest.py). Every batch has sequences of different l
 
 Deliberate differences, not compared (every one we know of):
 - TRL 1.16 defaults to `use_bias_correction_kl=True`: the k3 KL term is multiplied by the (differentiable)
-  ratio, after DeepSeek-V3.2. Our KL is the plain k3 estimate, as is Liger's default; TRL runs here with it off.
+  ratio, after DeepSeek-V3.2. Ours does that with bias_correction_kl=True (test_trl_objectives.py); its default is
+  the plain k3 estimate, as is Liger's, and TRL runs here with it off.
 - At importance_level="sequence", TRL's clip fractions average one flag per sequence over all B sequences, fully
   masked ones included; ours (and Liger's) average over unmasked tokens, so longer sequences weigh more. TRL's
   clip fractions are compared at token level only; Liger's at both levels.
 - TRL's sequence-level vLLM importance weights ("sequence_truncate") use the summed log-ratio, a product of token
-  ratios; `truncated_is_weights(level="sequence")` uses the masked mean. Here both losses get the same weights.
+  ratios; `truncated_is_weights(level="sequence")` uses the masked mean (`rollout_is_weights` has TRL's modes,
+  test_trl_objectives.py). Here both losses get the same weights.
 - Gradient accumulation, grpo and dr_grpo: TRL divides each micro-batch's loss by its own sequence count and by
   the number of accumulation steps (a mean of micro-batch means); ours divide by the step's sequence count
   (num_sequences), a mean over the step's sequences. The two agree when every micro-batch holds as many sequences
   (test_micro_batches_match_trl_accumulation), and differ when the micro-batches are cut by token budget.
 - dr_grpo with max_completion_length=None divides by the padded length T; TRL always uses its configured
   max_completion_length (here both get the same one).
-- Only TRL's grpo, bnpo, dapo and dr_grpo losses exist here (not cispo, sapo, luspo, vespo), nor its entropy
-  mask (top_entropy_quantile), off-policy mask, entropy bonus or auxiliary loss; all are off in TRL here.
+- TRL's grpo, bnpo, dapo and dr_grpo losses are compared here, its cispo, sapo, luspo and vespo in
+  test_trl_objectives.py; its entropy mask (top_entropy_quantile), off-policy mask, entropy bonus and auxiliary
+  loss do not exist in ours and are off in TRL here.
 What is the same on purpose: bnpo is the mean over the local batch's tokens (TRL, Liger), with num_batches playing
 TRL's accumulation steps; dapo divides by the step's token count, num_items; masked tokens contribute nothing
 whatever they hold; an empty batch gives a loss of 0 (TRL clamps its normalizers to 1).
@@ -143,6 +146,7 @@ def trl():
     from trl.trainer import grpo_trainer, utils
 
     return types.SimpleNamespace(compute_loss=grpo_trainer.GRPOTrainer._compute_loss,
+                                 get_gamma_weights=grpo_trainer.GRPOTrainer.get_gamma_weights,  # vespo's
                                  selective_log_softmax=utils.selective_log_softmax,
                                  entropy_from_logits=utils.entropy_from_logits)
 
@@ -162,10 +166,15 @@ def trl_stand_in(trl, logits, batch, accumulation=1):
 
     with_is = batch.is_weights is not None
     return types.SimpleNamespace(
-        _get_per_token_logps_and_entropies=per_token_logps_and_entropies,
+        _get_per_token_logps_and_entropies=per_token_logps_and_entropies, get_gamma_weights=trl.get_gamma_weights,
         loss_type=c.loss_type, importance_sampling_level=c.importance_level, beta=c.beta,
         epsilon_low=c.eps_low, epsilon_high=c.eps_high, max_completion_length=c.max_completion_length,
-        args=types.SimpleNamespace(delta=c.delta, use_bias_correction_kl=False, steps_per_generation=accumulation),
+        args=types.SimpleNamespace(
+            delta=c.delta, use_bias_correction_kl=c.bias_correction_kl, steps_per_generation=accumulation,
+            sapo_temperature_pos=c.sapo_temperature_pos, sapo_temperature_neg=c.sapo_temperature_neg,
+            vespo_k_pos=c.vespo_k_pos, vespo_lambda_pos=c.vespo_lambda_pos, vespo_k_neg=c.vespo_k_neg,
+            vespo_lambda_neg=c.vespo_lambda_neg,
+        ),
         use_vllm=with_is, vllm_importance_sampling_correction=with_is,
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, _entropy_bonus_enabled=False, aux_loss_enabled=False,
         accelerator=types.SimpleNamespace(num_processes=1, gather=lambda x: x, reduce=lambda x, reduction: x),

@@ -6,7 +6,7 @@ or a backend named explicitly.
 
 from .advantages import group_advantages, process_advantages
 from .fused_linear import fused_linear_cross_entropy, fused_linear_grpo_loss, fused_linear_logprobs
-from .grpo_loss import GRPOLossConfig, grpo_loss, truncated_is_weights
+from .grpo_loss import GRPOLossConfig, grpo_loss, rollout_is_weights, truncated_is_weights
 from .logprobs import selective_logprobs
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "grpo_loss",
     "group_advantages",
     "process_advantages",
+    "rollout_is_weights",
     "selective_logprobs",
     "truncated_is_weights",
 ]

@@ -7,8 +7,9 @@ Per chunk of rows (its size bounded by `chunk_bytes`):
     dh_c = dz W                       matmul 2
     dW  += dz^T h_c                   matmul 3, skipped when the head is frozen
 Gradients are computed during the forward (the loss is a scalar, so the backward only scales them), which is
-what makes three matmuls enough. The exception is the sequence-level (GSPO) ratio, whose per-token gradient
-needs the whole sequence's log-probs first: it takes a forward sweep and a backward sweep, recomputing z.
+what makes three matmuls enough. The exceptions are the sequence-level (GSPO) ratio and VESPO's sequence weight,
+whose per-token gradient needs the whole sequence's log-probs first: they take a forward sweep and a backward
+sweep, recomputing z.
 fused_linear_logprobs, whose upstream gradient is unknown at forward time, recomputes z in its backward too.
 
 On the torch (CPU) path each chunk is swept in vocabulary tiles small enough to stay in cache, so the logits
@@ -401,7 +402,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         need_dh, dw_dtype = ctx.needs_input_grad[0], _dw_dtype(ctx, weight)
         weight = _compute_weight(weight, dtype)
         with_entropy = config.compute_entropy
-        if config.importance_level == "token":
+        if config.token_local:
             totals = []
 
             def token_grad(logp, rows):
