@@ -71,12 +71,20 @@ class GenerationConfig:
 
 @dataclass
 class LossConfig:
-    loss_type: str = "dapo"  # grpo | bnpo | dapo | dr_grpo
+    # grpo | bnpo | dapo | dr_grpo | luspo | cispo | sapo | vespo: the formulas in fastgrpo_kernels/grpo_loss.py
+    loss_type: str = "dapo"
     importance_level: str = "token"  # token | sequence (GSPO)
     eps_low: float = 0.2
-    eps_high: float = 0.28
-    delta: float | None = None
+    eps_high: float = 0.28  # cispo: the cap on the ratio itself, so >= 1 (ScaleRL: 5.0)
+    delta: float | None = None  # the clipped loss types only (not cispo, sapo, vespo)
     beta: float = 0.0  # 0 loads no reference model
+    bias_correction_kl: bool = False  # the KL term times the ratio (TRL's use_bias_correction_kl, on by default there)
+    sapo_temperature_pos: float = 1.0  # sapo's gate sharpness for advantages > 0 (TRL's defaults, this and below)
+    sapo_temperature_neg: float = 1.05  # and <= 0
+    vespo_k_pos: float = 2.0  # vespo's Gamma weight for advantages >= 0: power k and decay lambda
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0  # and < 0
+    vespo_lambda_neg: float = 2.0
     advantage_scale: str = "group"  # group | batch | none
     tis_cap: float | None = None  # truncated importance sampling against the generator's log-probs
     mask_truncated: bool = False  # completions cut at max_completion_length get no loss
@@ -87,8 +95,13 @@ class LossConfig:
         from fastgrpo_kernels import GRPOLossConfig  # here: loading a config needs no kernels
 
         return GRPOLossConfig(loss_type=self.loss_type, importance_level=self.importance_level, eps_low=self.eps_low,
-                              eps_high=self.eps_high, delta=self.delta, beta=self.beta, temperature=temperature,
-                              max_completion_length=max_completion_length, compute_entropy=True)
+                              eps_high=self.eps_high, delta=self.delta, beta=self.beta,
+                              bias_correction_kl=self.bias_correction_kl, temperature=temperature,
+                              max_completion_length=max_completion_length, compute_entropy=True,
+                              sapo_temperature_pos=self.sapo_temperature_pos,
+                              sapo_temperature_neg=self.sapo_temperature_neg, vespo_k_pos=self.vespo_k_pos,
+                              vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+                              vespo_lambda_neg=self.vespo_lambda_neg)
 
 
 @dataclass
@@ -187,7 +200,7 @@ CHOICES = {
     "data.long_prompts": ("skip", "error"),
     "generation.backend": ("vllm", "hf"),
     "generation.sync": ("auto", "zero_copy", "copy", "reload"),
-    "loss.loss_type": ("grpo", "bnpo", "dapo", "dr_grpo"),
+    "loss.loss_type": ("grpo", "bnpo", "dapo", "dr_grpo", "luspo", "cispo", "sapo", "vespo"),
     "loss.importance_level": ("token", "sequence"),
     "loss.advantage_scale": ("group", "batch", "none"),
     "rewards.code.scoring": ("fraction", "all"),
@@ -202,6 +215,9 @@ def _check_choices(cfg) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {allowed}")
     if OmegaConf.select(cfg, "model.param_dtype", default=None) is not None:
         check_precision(cfg.model)
+    if OmegaConf.select(cfg, "loss.loss_type", default=None) == "cispo" and cfg.loss.eps_high < 1:
+        raise ConfigError(f"loss.eps_high={cfg.loss.eps_high} is cispo's cap on the ratio itself: below 1 it caps "
+                          f"every token's weight; set it >= 1 (ScaleRL uses 5.0)")
 
 
 def check_precision(model: ModelConfig) -> None:

@@ -57,6 +57,7 @@ def test_reward_rises_with_vllm(model_path, tmp_path, sync, monkeypatch):
     ["loss.loss_type=bnpo", "loss.importance_level=sequence"],
     ["loss.loss_type=dr_grpo", "loss.advantage_scale=none"],
     ["loss.loss_type=dapo", "loss.beta=0.04", "loss.delta=2.0", "loss.advantage_scale=batch"],
+    ["loss.loss_type=vespo", "loss.beta=0.04", "loss.bias_correction_kl=true", "loss.vespo_k_pos=1.5"],
     ["train.num_iterations=2", "loss.tis_cap=2.0", "loss.mask_truncated=true", "loss.overlong_buffer=4"],
     ["train.dynamic_sampling=true", "train.max_refills=2"],
 ], ids=lambda o: ",".join(x.split("=")[0].split(".")[1] + "=" + x.split("=")[1] for x in o))
@@ -102,6 +103,8 @@ def test_prompts_from_a_local_jsonl_file(model_path, tmp_path):
 def test_bad_input(model_path, tmp_path):
     with pytest.raises(ConfigError, match="loss.bta"):
         load_config(GRPOConfig, None, [f"model.path={model_path}", "loss.bta=1"])
+    with pytest.raises(ConfigError, match="loss.eps_high=0.28 is cispo's cap"):
+        load_config(GRPOConfig, None, [f"model.path={model_path}", "loss.loss_type=cispo"])
     with pytest.raises(ValueError, match="no column 'question'"):
         train(make_cfg(model_path, tmp_path / "a", "data.prompt_column=question"), reward_funcs=[sevens])
     with pytest.raises(ValueError, match="exceeds data.max_prompt_length=3"):
@@ -227,7 +230,7 @@ def test_prompt_order_follows_the_train_seed(model_path):
     assert first(1) == first(1) and first(0) != first(1)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo", "luspo", "cispo", "sapo", "vespo"])
 def test_the_step_gradient_does_not_depend_on_micro_batching(model_path, loss_type):
     """The normalizers are the step's (the loss op's arguments): S identical sequences give the same gradient in one
     micro-batch as one per micro-batch. (bnpo averages its micro-batches' means, TRL's way: equal here.)"""
@@ -243,7 +246,7 @@ def test_the_step_gradient_does_not_depend_on_micro_batching(model_path, loss_ty
     norms = []
     for budget in (64, len(prompt) + len(completion)):  # one micro-batch; one per sequence
         cfg = make_cfg(model_path, "unused", f"loss.loss_type={loss_type}", f"train.micro_batch_tokens={budget}",
-                       "train.max_grad_norm=1e9")
+                       "train.max_grad_norm=1e9", "loss.eps_high=5.0" if loss_type == "cispo" else "loss.eps_high=0.28")
         loss_config = cfg.loss.to_kernel(cfg.generation.temperature, cfg.generation.max_completion_length)
         step = optimize(model, None, optimizer, rollout, torch.ones(S), loss_config, cfg)
         norms.append((step["packing/num_micro_batches"], step["grad_norm"]))
