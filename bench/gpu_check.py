@@ -220,6 +220,7 @@ def part_step(name: str, sizes: dict, save) -> None:
 
     from fastgrpo import grpo
     from fastgrpo.config import GRPOConfig, load_config
+    from fastgrpo.packing import attention_implementation
     from on_device import compiled_kernels
 
     s, device = sizes["step"], sizes["device"]
@@ -239,7 +240,8 @@ def part_step(name: str, sizes: dict, save) -> None:
     run, _ = grpo.start_run(cfg, reward_funcs=[token_parity_reward])
     losses = record_losses(grpo)
     result = {"parameters": params, "config": str(STEP_CONFIG.relative_to(REPO)), "overrides": overrides,
-              "setup_s": time.perf_counter() - t0, "steps": []}
+              "setup_s": time.perf_counter() - t0, "weights_dtype": str(next(run.model.parameters()).dtype),
+              "packed_attention": attention_implementation(run.model), "steps": []}
     before = [p.detach().to("cpu", copy=True) for p in run.model.parameters()]  # on the host: out of the CUDA peaks
     for step in range(s["steps"][name]):
         if device == "cuda":
@@ -368,7 +370,11 @@ def summarize_tests(path: Path) -> dict:
     for t in tests:
         if t["outcome"] == "skipped":
             skips[t["message"]] = skips.get(t["message"], 0) + 1
-    return {"counts": counts, "failures": [t for t in tests if t["outcome"] == "failed"],
+    by_file = {}
+    for t in tests:
+        file = by_file.setdefault(t["test"].split("::")[0], {})
+        file[t["outcome"]] = file.get(t["outcome"], 0) + 1
+    return {"counts": counts, "by_file": by_file, "failures": [t for t in tests if t["outcome"] == "failed"],
             "skip_reasons": skips, "compiled_kernels": session.get("compiled_kernels"),
             "finished": bool(session), "test_seconds": round(sum(t["seconds"] for t in tests), 1)}
 
@@ -455,8 +461,8 @@ def render(report: dict) -> str:
         + f"; {env['cpu']}, {env['cores']} cores",
         f"- versions: Python {env['python']}, " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"- not installed: {', '.join(k for k, val in v.items() if not val) or 'none'}",
-        f"- ceilings used for the fractions: {HBM_GBPS / 1000:.1f} TB/s HBM, {BF16_TFLOPS:.0f} bf16 TFLOP/s "
-        "(measured on the lent H200, bench/../KINDS.md)",
+        f"- ceilings of the fractions: {HBM_GBPS / 1000:.1f} TB/s HBM, {BF16_TFLOPS:.0f} bf16 TFLOP/s (measured on "
+        "the lent H200s: device-to-device copy; 8192^3 bf16 GEMM, 769-798)",
         "",
         "| part | status | seconds (box) | note |",
         "|---|---|--:|---|",
@@ -490,6 +496,7 @@ def _render_kernels(part: dict | None) -> list[str]:
              f"{counts}; {part['test_seconds']} s in tests; Triton kernels compiled: "
              f"{part['compiled_kernels'] if part['compiled_kernels'] is not None else 'none (interpreter)'}; "
              f"{'the session finished' if part['finished'] else 'the session did not finish'}."]
+    lines += [f"- `{file}`: " + ", ".join(f"{n} {k}" for k, n in sorted(c.items())) for file, c in part["by_file"].items()]
     if part["failures"]:
         lines += ["", "| failed test | message |", "|---|---|"]
         lines += [f"| `{f['test']}` | {_cell(f['message'])} |" for f in part["failures"][:40]]
@@ -524,7 +531,8 @@ def _render_step(name: str, part: dict | None) -> list[str]:
     lines = ["", f"## GRPO step, {name.removeprefix('step_')} shape ({part['parameters'] / 1e6:.3g}M parameters, "
              "random weights)", "",
              f"{part['config']} with {' '.join(part['overrides'][1:])}; a reward of even token ids (random text "
-             f"scores 0 on the built-in rewards). Setup (model built, saved, loaded): {part['setup_s']:.1f} s.", "",
+             f"scores 0 on the built-in rewards). Weights {part['weights_dtype']}, packed attention "
+             f"`{part['packed_attention']}`. Setup (model built, saved, loaded): {part['setup_s']:.1f} s.", "",
              "| step | wall s | generation s | training s | sync s | tokens/s | micro-batches | peak MiB | loss | "
              "grad norm | KL | Triton kernels compiled |", "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for s in part["steps"]:
