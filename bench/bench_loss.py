@@ -40,18 +40,19 @@ def dtype_for(device) -> torch.dtype:
 def make_inputs(B, T, H, V, device, seed=0, with_logp=True):
     """hidden [B, T, H] and weight [V, H] (leaves requiring grad); ids/mask/old_logp/ref_logp [B, T]; advantages [B]."""
     dtype = dtype_for(device)
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, H, generator=gen)
-    weight = torch.randn(V, H, generator=gen) * H**-0.5  # logits ~ N(0, 1), as in a trained head
-    ids = torch.randint(V, (B, T), generator=gen)
-    lengths = torch.randint(T // 2, T + 1, (B,), generator=gen)
-    mask = (torch.arange(T) < lengths[:, None]).float()  # (B, T)
-    advantages = torch.randn(B, generator=gen)
+    # drawn on the device: a CPU takes seconds for the V x H weight of a real vocabulary (17 s here at H=3584)
+    gen = torch.Generator(device).manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=gen, device=device)
+    weight = torch.randn(V, H, generator=gen, device=device) * H**-0.5  # logits ~ N(0, 1), as in a trained head
+    ids = torch.randint(V, (B, T), generator=gen, device=device)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=gen, device=device)
+    mask = (torch.arange(T, device=device) < lengths[:, None]).float()  # (B, T)
+    advantages = torch.randn(B, generator=gen, device=device)
     x = dict(hidden=hidden.to(device, dtype).requires_grad_(), weight=weight.to(device, dtype).requires_grad_(),
              ids=ids.to(device), mask=mask.to(device), advantages=advantages.to(device))
     if with_logp:
         logp = _true_logp(x["hidden"], x["weight"], x["ids"])
-        noise = torch.randn(2, B, T, generator=gen).to(device)
+        noise = torch.randn(2, B, T, generator=gen, device=device)
         x["old_logp"] = logp + 0.1 * noise[0]
         x["ref_logp"] = logp + 0.1 * noise[1]
     return x
