@@ -87,6 +87,12 @@ class LossConfig:
     vespo_lambda_neg: float = 2.0
     advantage_scale: str = "group"  # group | batch | none
     tis_cap: float | None = None  # truncated importance sampling against the generator's log-probs
+    # TRL's vllm_importance_sampling_mode against the generator's log-probs (None: off; tis_cap is token_truncate
+    # with is_clip_max=tis_cap): token_* weighs each token by its own ratio, sequence_* by its sequence's product;
+    # *_truncate clamps the ratio to [is_clip_min, is_clip_max], *_mask zeroes it outside. vespo: token_* only
+    is_mode: str | None = None
+    is_clip_min: float | None = None  # None: no lower bound (TRL's C_min default)
+    is_clip_max: float | None = 3.0  # None: no upper bound (TRL's C_max default)
     mask_truncated: bool = False  # completions cut at max_completion_length get no loss
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens (0: off)
 
@@ -202,6 +208,7 @@ CHOICES = {
     "generation.sync": ("auto", "zero_copy", "copy", "reload"),
     "loss.loss_type": ("grpo", "bnpo", "dapo", "dr_grpo", "luspo", "cispo", "sapo", "vespo"),
     "loss.importance_level": ("token", "sequence"),
+    "loss.is_mode": ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
     "loss.advantage_scale": ("group", "batch", "none"),
     "rewards.code.scoring": ("fraction", "all"),
     "rewards.code.isolation": ("auto", "bwrap"),
@@ -218,6 +225,23 @@ def _check_choices(cfg) -> None:
     if OmegaConf.select(cfg, "loss.loss_type", default=None) == "cispo" and cfg.loss.eps_high < 1:
         raise ConfigError(f"loss.eps_high={cfg.loss.eps_high} is cispo's cap on the ratio itself: below 1 it caps "
                           f"every token's weight; set it >= 1 (ScaleRL uses 5.0)")
+    if OmegaConf.select(cfg, "loss.is_mode", default=None) is not None:
+        check_rollout_correction(cfg.loss)
+
+
+def check_rollout_correction(loss: LossConfig) -> None:
+    """loss.is_mode's combinations that fastgrpo_kernels.rollout_is_weights (or TRL) refuses, as one line each."""
+    lo, hi = loss.is_clip_min, loss.is_clip_max
+    if loss.tis_cap is not None:
+        raise ConfigError(f"loss.tis_cap={loss.tis_cap} and loss.is_mode={loss.is_mode} both correct for the "
+                          f"generator: set one (tis_cap is is_mode=token_truncate with is_clip_max=tis_cap)")
+    if loss.loss_type == "vespo" and loss.is_mode.startswith("sequence_"):
+        raise ConfigError(f"loss.is_mode={loss.is_mode} with loss.loss_type=vespo: vespo folds the weights into its "
+                          f"own sequence weight, so it takes token_truncate or token_mask (as TRL)")
+    if lo is not None and hi is not None and not lo < hi:
+        raise ConfigError(f"loss.is_clip_min={lo} must be less than loss.is_clip_max={hi}")
+    if loss.is_mode.endswith("_truncate") and lo is None and hi is None:
+        raise ConfigError(f"loss.is_mode={loss.is_mode} needs loss.is_clip_min or loss.is_clip_max (both are null)")
 
 
 def check_precision(model: ModelConfig) -> None:

@@ -24,10 +24,10 @@ import torch
 from tqdm import tqdm
 
 from fastgrpo_kernels import fused_linear_grpo_loss, fused_linear_logprobs, group_advantages, process_advantages
-from fastgrpo_kernels.grpo_loss import truncated_is_weights
+from fastgrpo_kernels.grpo_loss import rollout_is_weights, truncated_is_weights
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import GRPOConfig, TrainConfig, load_cli_config, write_run_config
+from .config import GRPOConfig, LossConfig, TrainConfig, load_cli_config, write_run_config
 from .data import PromptSampler, decode, load_prompts
 from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, end_worker, init_distributed,
                           reshard, world)
@@ -295,18 +295,29 @@ def prepare(model, ref_model, rollout: Rollout, advantages, cfg: GRPOConfig) -> 
         return [], norms, stats
     keep_seq = keep_seq.to(device)
     per_token = isinstance(advantages, list)
-    needs_old = cfg.train.num_iterations > 1 or L.tis_cap is not None
+    needs_old = cfg.train.num_iterations > 1 or L.tis_cap is not None or L.is_mode is not None
     old = score(model, packed, T, autocast(cfg.model, device)) if needs_old else [None] * len(packed)
     ref = score(ref_model, packed, T, autocast(cfg.model, device)) if L.beta else [None] * len(packed)
     micro_batches = []
     for (p, rows, cu_seqlens, real), old_logp, ref_logp in zip(packed, old, ref):
-        is_weights = None
-        if L.tis_cap is not None:
-            is_weights = truncated_is_weights(old_logp, completion_values(p, rollout.sampling_logp), cap=L.tis_cap)
+        is_weights = rollout_correction(L, old_logp, p, cu_seqlens, rollout.sampling_logp)
         adv = (None, completion_values(p, advantages)) if per_token else (advantages.to(device)[p.seq_indices], None)
         micro_batches.append(MicroBatch(p, rows, cu_seqlens, real, *adv, keep_seq[p.seq_of_token[rows]].float(),
                                         old_logp, ref_logp, is_weights))
     return micro_batches, norms, stats
+
+
+def rollout_correction(L: LossConfig, old_logp, packed: PackedBatch, cu_seqlens, sampling_logp) -> torch.Tensor | None:
+    """IS weights (n,) on a micro-batch's completion rows against the generator's log-probs (loss.tis_cap, or TRL's
+    loss.is_mode); None with neither. cu_seqlens (k+1,) delimits the rows' k sequences, so that a sequence mode
+    takes each sequence's own product of ratios and not the packed row's."""
+    if L.tis_cap is None and L.is_mode is None:
+        return None
+    sampled = completion_values(packed, sampling_logp)  # (n,)
+    if L.tis_cap is not None:
+        return truncated_is_weights(old_logp, sampled, cap=L.tis_cap)
+    return rollout_is_weights(old_logp, sampled, mode=L.is_mode, clip_min=L.is_clip_min, clip_max=L.is_clip_max,
+                              cu_seqlens=cu_seqlens)
 
 
 def update(model, optimizer, micro_batches: list[MicroBatch], loss_config, norms: dict, cfg: GRPOConfig) -> dict:

@@ -252,3 +252,68 @@ def test_the_step_gradient_does_not_depend_on_micro_batching(model_path, loss_ty
         norms.append((step["packing/num_micro_batches"], step["grad_norm"]))
     assert [n for n, _ in norms] == [1, S]
     assert norms[1][1] == pytest.approx(norms[0][1], rel=1e-5)
+
+
+IS_MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+
+
+@pytest.mark.parametrize("mode", IS_MODES)
+def test_each_rollout_correction_mode_takes_a_step(model_path, tmp_path, mode):
+    cfg = make_cfg(model_path, tmp_path, f"loss.is_mode={mode}", "loss.is_clip_min=0.5", "loss.is_clip_max=2.0")
+    (step,) = train(cfg, reward_funcs=[sevens])
+    for key in ("reward/mean", "loss/clip_region", "loss/entropy", "loss/ratio", "grad_norm"):
+        assert math.isfinite(step[key]), key
+    assert step["bad_updates"] == 0
+
+
+@pytest.mark.parametrize("mode", IS_MODES)
+def test_packed_rollout_correction_equals_the_padded_rollouts(model_path, mode):
+    """The IS weights reaching the loss, micro-batch by micro-batch (several sequences packed in each), are
+    rollout_is_weights of the padded (S, T) rollout: no sequence mode takes a product over another's tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from fastgrpo.grpo import Rollout, prepare
+    from fastgrpo_kernels import rollout_is_weights
+
+    S, prompt = 8, [1, 10, 11]
+    completions = [[20 + j for j in range(2 + s % 6)] for s in range(S)]
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    on_policy = Rollout([prompt] * S, completions, [[0.0] * len(c) for c in completions],
+                        torch.zeros(S, dtype=torch.bool), torch.zeros(S), torch.zeros(S, 1))
+    budget = ["train.micro_batch_tokens=24"]
+    mbs, _, _ = prepare(model, None, on_policy, torch.ones(S), make_cfg(model_path, "unused", "train.num_iterations=2",
+                                                                        *budget))
+    assert len(mbs) > 1 and all(len(mb.packed.seq_indices) > 1 for mb in mbs)
+    T = max(map(len, completions))
+    old_logp, mask = torch.zeros(S, T), torch.zeros(S, T)  # (S, T) the padded rollout
+    for mb in mbs:
+        for s, logp in zip(mb.packed.seq_indices.tolist(), mb.old_logp.split(mb.cu_seqlens.diff().tolist())):
+            old_logp[s, : len(logp)], mask[s, : len(logp)] = logp, 1.0
+    sampling_logp = old_logp + 0.3 * torch.randn(S, T, generator=torch.Generator().manual_seed(0))  # (S, T)
+    sampled = [sampling_logp[s, : len(c)].tolist() for s, c in enumerate(completions)]
+    rollout = Rollout([prompt] * S, completions, sampled, torch.zeros(S, dtype=torch.bool), torch.zeros(S),
+                      torch.zeros(S, 1))
+    cfg = make_cfg(model_path, "unused", f"loss.is_mode={mode}", "loss.is_clip_min=0.5", "loss.is_clip_max=1.5",
+                   *budget)
+    expected = rollout_is_weights(old_logp, sampling_logp, mask, mode, 0.5, 1.5)  # (S, T)
+    seen = set()
+    for mb in prepare(model, None, rollout, torch.ones(S), cfg)[0]:
+        for s, weights in zip(mb.packed.seq_indices.tolist(), mb.is_weights.split(mb.cu_seqlens.diff().tolist())):
+            torch.testing.assert_close(weights, expected[s, : len(weights)], rtol=1e-5, atol=1e-6)
+            seen.add(s)
+    assert seen == set(range(S))
+    assert len(set(expected[mask.bool()].tolist())) > S // 2  # weights that differ from sequence to sequence
+
+
+def test_rollout_correction_bad_config(model_path):
+    base = [f"model.path={model_path}"]
+    for overrides, match in [
+        (["loss.is_mode=token_clip"], r"loss.is_mode='token_clip' is not one of"),
+        (["loss.is_mode=token_mask", "loss.tis_cap=2.0"], "loss.tis_cap=2.0 and loss.is_mode=token_mask both"),
+        (["loss.is_mode=sequence_mask", "loss.loss_type=vespo"], "vespo folds the weights"),
+        (["loss.is_mode=token_mask", "loss.is_clip_min=3.0"], "loss.is_clip_min=3.0 must be less than"),
+        (["loss.is_mode=token_truncate", "loss.is_clip_max=null"], "needs loss.is_clip_min or loss.is_clip_max"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(GRPOConfig, None, base + overrides)
+    load_config(GRPOConfig, None, base + ["loss.is_mode=token_mask", "loss.loss_type=vespo"])
