@@ -1,5 +1,6 @@
 # Outcome vs process supervision vs a learned PRM (static, or with iterative updates) in R1 stage 2, tiny default.
-#   bash docs/supervision/run.sh [OUT]      # ~1 hour on a busy 2-core machine; results in OUT/*/eval.json
+#   bash docs/supervision/run.sh [OUT]      # ~2 hours on a busy 2-core machine; results in OUT/*/eval.json
+#   VARIANTS="prm_acc prm_acc_strict" bash docs/supervision/run.sh     # some of the rows
 # One cold start (configs/sft_tiny.yaml, 200 steps) and one PRM (configs/prm_tiny.yaml from the cold start) for all
 # runs; each variant trains 60 GRPO steps (16 prompts x 8) from the cold start with RL seeds 0-2, then is scored on
 # 200 held-out prompts (data.split_of keeps them out of training), k=4.
@@ -21,8 +22,13 @@ PRM="rewards.funcs=[process_reward_model,format] rewards.weights=[1.0,0.5] rewar
 ITER="rewards.reward_model_updates.every=10 rewards.reward_model_updates.steps=5
   rewards.reward_model_updates.pairs_per_step=32 rewards.reward_model_updates.labeler=arithmetic_steps
   rewards.reward_model_updates.lr=1e-3"
+# unlabeled=0: a step the labeler does not recognize is a wrong one (without it, the PRM never sees its gamed text
+# labelled)
+STRICT="$ITER rewards.reward_model_updates.unlabeled=0.0"
+PRM_ACC="rewards.funcs=[process_reward_model,accuracy,format] rewards.weights=[1.0,1.0,0.5]
+  rewards.process_reward_model=$OUT/prm/final"
 for seed in 0 1 2; do
-  for variant in outcome process prm prm_iter; do
+  for variant in ${VARIANTS:-outcome process prm prm_iter prm_strict prm_acc prm_acc_strict}; do
     run=$OUT/$variant-$seed
     [ -f $run/eval.json ] && continue
     case $variant in
@@ -30,6 +36,9 @@ for seed in 0 1 2; do
       process) args="rewards.funcs=[arithmetic_steps,format] rewards.weights=[1.0,0.5]" ;;
       prm) args="$PRM" ;;
       prm_iter) args="$PRM $ITER" ;;
+      prm_strict) args="$PRM $STRICT" ;;
+      prm_acc) args="$PRM_ACC" ;;
+      prm_acc_strict) args="$PRM_ACC $STRICT" ;;
     esac
     # shellcheck disable=SC2086
     if [ $variant = outcome ]; then
