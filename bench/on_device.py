@@ -120,12 +120,19 @@ def pytest_sessionfinish(session, exitstatus):
     _record({"session": True, "exitstatus": int(exitstatus), "compiled_kernels": compiled_kernels()})
 
 
+def pytest_collectreport(report):
+    if report.failed:
+        _record({"test": report.nodeid, "when": "collect", "outcome": "error", "seconds": 0.0,
+                 "message": _message(report)})
+
+
+def _message(report) -> str:
+    text = getattr(report, "longreprtext", "") or str(report.longrepr or "")
+    lines = [line for line in text.splitlines() if line.startswith("E ")] or text.splitlines()[-1:]
+    return " | ".join(line.strip() for line in lines[:3])[:500]
+
+
 def pytest_runtest_logreport(report):
     if report.when == "call" or report.outcome != "passed":
-        message = None
-        if report.outcome != "passed":
-            text = getattr(report, "longreprtext", "") or str(report.longrepr or "")
-            lines = [line for line in text.splitlines() if line.startswith("E ")] or text.splitlines()[-1:]
-            message = " | ".join(line.strip() for line in lines[:3])[:500]
         _record({"test": report.nodeid, "when": report.when, "outcome": report.outcome,
-                 "seconds": round(report.duration, 3), "message": message})
+                 "seconds": round(report.duration, 3), "message": None if report.passed else _message(report)})

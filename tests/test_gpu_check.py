@@ -129,3 +129,20 @@ def test_autocast_cpu_in_a_test_module_is_the_devices():
     assert autocast("cpu", dtype=torch.bfloat16).device == "cuda"
     from_library = eval(compile("autocast('cpu', dtype=torch.bfloat16)", "/site-packages/somelib/amp.py", "eval"))
     assert from_library.device == "cpu"
+
+
+def test_the_plugin_records_each_outcome_as_it_goes_and_collection_errors(tmp_path):
+    (tmp_path / "test_ok.py").write_text("import torch\n\ndef test_ok():\n    assert torch.zeros(2).device.type == 'cpu'\n\n"
+                                         "def test_bad():\n    assert 1 == 2, 'wrong'\n")
+    (tmp_path / "test_broken.py").write_text("import a_package_the_image_lacks\n")
+    results = tmp_path / "results.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "bench"), "FASTGRPO_TEST_RESULTS": str(results),
+           "FASTGRPO_TEST_DEVICE": "cpu"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-p", "on_device", "-p", "no:cacheprovider", "-q",
+                          "--continue-on-collection-errors", str(tmp_path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stdout[-2000:]
+    summary = gpu_check.summarize_tests(results)
+    assert summary["counts"] == {"passed": 1, "failed": 1, "error": 1} and summary["finished"]
+    messages = {f["test"].split("::")[-1]: f["message"] for f in summary["failures"]}
+    assert "wrong" in messages["test_bad"] and "a_package_the_image_lacks" in messages["test_broken.py"]
