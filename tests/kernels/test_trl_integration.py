@@ -1,0 +1,143 @@
+"""fastgrpo_kernels.integrations.trl against TRL 1.16 as shipped: the real GRPOTrainer trains a tiny local Qwen2 for
+two optimizer steps, and FastGRPOTrainer trains a copy on the same prompts and seeds; both log the same loss, gradient
+norm and metrics per step and end with the same weights (fp32). SGD, not Adam: the weights after a step are then the
+gradients themselves (Adam's first step is lr * sign(g), blind to the gradients' size).
+
+Each run: two accumulation steps per optimizer step and num_iterations=2, so the second step trains on the first
+step's completions with updated weights (ratios != 1, old log-probs from the fused pass); with beta > 0 the reference
+pass is the fused one too. Generation is transformers' sampling with fixed seeds; the fused path draws no random
+numbers, so both runs sample the same completions.
+"""
+
+import warnings
+
+import pytest
+import torch
+from test_parity import trl, trl_stand_in  # noqa: F401 (trl: a fixture)
+from test_trl_objectives import trl_batch
+
+pytest.importorskip("trl")
+warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
+
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from fastgrpo_kernels.integrations import trl as integration  # noqa: E402
+
+PROMPTS = ["1+1=", "2+3=", "a b", "xyz", "hello", "7*6=", "GRPO", "ok?"]
+CHECKED_METRICS = ("loss", "grad_norm", "entropy", "kl", "clip_ratio/region_mean", "clip_ratio/low_mean",
+                   "clip_ratio/high_mean")
+TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from fastgrpo.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("trl_tiny") / "qwen2", hidden=64, intermediate=128))
+
+
+def count_vowels(completions, **_):
+    return [float(sum(c in "aeiou" for c in text)) for text in completions]
+
+
+def grpo_config(output_dir, **overrides):
+    options = dict(output_dir=str(output_dir), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                   num_generations=4, max_completion_length=8, num_iterations=2, max_steps=2, learning_rate=0.5,
+                   optim="sgd", lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no",
+                   seed=0, data_seed=0, use_cpu=True, bf16=False, disable_tqdm=True, dataloader_num_workers=0)
+    return GRPOConfig(**(options | overrides))
+
+
+def train(trainer_class, model_path, output_dir, **overrides):
+    from datasets import Dataset
+
+    trainer = trainer_class(model=model_path, reward_funcs=count_vowels, args=grpo_config(output_dir, **overrides),
+                            train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return logs, {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+
+def initial_weights(model_path):
+    from transformers import AutoModelForCausalLM
+
+    return dict(AutoModelForCausalLM.from_pretrained(model_path).named_parameters())
+
+
+class Spy:
+    """Counts the calls of one of the integration's kernels."""
+
+    def __init__(self, monkeypatch, name):
+        self.calls, fn = 0, getattr(integration, name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(integration, name, counted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    pytest.param(dict(), id="dapo"),
+    pytest.param(dict(loss_type="grpo", beta=0.04, epsilon_high=0.28, temperature=0.7), id="grpo-kl"),
+])
+def test_trains_as_trl(tiny_model, tmp_path, monkeypatch, overrides):
+    trl_logs, trl_weights = train(GRPOTrainer, tiny_model, tmp_path / "trl", **overrides)
+    loss_spy, logp_spy = Spy(monkeypatch, "fused_linear_grpo_loss"), Spy(monkeypatch, "fused_linear_logprobs")
+    logs, weights = train(integration.FastGRPOTrainer, tiny_model, tmp_path / "fast", **overrides)
+
+    assert loss_spy.calls == 4  # 2 steps x 2 accumulation steps
+    # old log-probs (once per generation: 2 accumulation batches), and as many reference passes with beta > 0
+    assert logp_spy.calls == (4 if overrides.get("beta") else 2)
+    assert len(logs) == len(trl_logs) == 2
+    for step, (ours, theirs) in enumerate(zip(logs, trl_logs)):
+        for name in CHECKED_METRICS:
+            if name in theirs:
+                assert name in ours, f"step {step}: {name} not logged"
+                torch.testing.assert_close(ours[name], theirs[name], **TOL, msg=lambda m: f"step {step} {name}: {m}")
+    # The updates, not the weights: a weight of 0.02 would hide an update's error under rtol.
+    start = initial_weights(tiny_model)
+    for name, w in weights.items():
+        update, trl_update = w - start[name], trl_weights[name] - start[name]
+        assert trl_update.abs().max() > 0, f"{name} did not move"
+        torch.testing.assert_close(update, trl_update, **TOL, msg=lambda m: f"{name} update: {m}")
+    print(f"max |loss diff| {max(abs(a['loss'] - b['loss']) for a, b in zip(logs, trl_logs)):.2e}, "
+          f"max |weight diff| {max((w - trl_weights[n]).abs().max().item() for n, w in weights.items()):.2e}")
+
+
+def test_loss_config_is_the_parity_tests_mapping(trl):
+    """loss_config reads TRL's options back into the very GRPOLossConfig the parity tests held TRL's loss to."""
+    for loss_type in ("cispo", "sapo", "luspo", "vespo"):
+        batch = trl_batch("everything" if loss_type == "luspo" else "kl_bias_correction", loss_type, "token")
+        trainer = trl_stand_in(trl, None, batch)
+        trainer.temperature = batch.config.temperature
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos",
+                     "vespo_k_neg", "vespo_lambda_neg"):
+            assert hasattr(trainer.args, name)
+        assert integration.loss_config(trainer) == batch.config
+
+
+@pytest.mark.parametrize("overrides,name", [
+    (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
+    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
+    (dict(entropy_coef=0.01), "entropy_coef"),
+    (dict(use_liger_kernel=True), "use_liger_kernel"),
+])
+def test_unsupported_option_is_named(tiny_model, tmp_path, overrides, name):
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match=f"does not support {name}"):
+        integration.FastGRPOTrainer(model=tiny_model, reward_funcs=count_vowels,
+                                    args=grpo_config(tmp_path, **overrides),
+                                    train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+
+
+def test_bad_combination_is_named(tiny_model, tmp_path):
+    """A combination GRPOLossConfig refuses (delta on sapo, which has no clip) fails at construction, naming it."""
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match="delta"):
+        integration.FastGRPOTrainer(model=tiny_model, reward_funcs=count_vowels,
+                                    args=grpo_config(tmp_path, loss_type="sapo", delta=2.0),
+                                    train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
