@@ -34,7 +34,7 @@ def test_dry_run_reports_every_part(tmp_path):
         assert f"| {name} | ok |" in text
 
     kernels = report["parts"]["kernels"]
-    assert kernels["finished"] and kernels["counts"].get("passed", 0) >= 10 and not kernels["failures"]
+    assert kernels["finished"] and kernels["counts"] == {"passed": 7} and not kernels["failures"]
 
     rows = report["parts"]["loss"]["rows"]
     measured = {(r["level"], r["impl"]) for r in rows if "total_s" in r}
@@ -75,15 +75,21 @@ time.sleep(60)
     part = gpu_check.run_part("loss", tmp_path, True, SIZES, deadline=time.monotonic() + 100)
     assert time.monotonic() - t0 < 15
     assert part["status"] == "timed out" and part["rows"] == [{"impl": "first"}]
-    assert not _running(int(pid_file.read_text()))
+    assert _ends_within(int(pid_file.read_text()), seconds=10)
 
 
-def _running(pid: int) -> bool:
-    """Whether `pid` is a live process (a killed one may linger as a zombie until it is reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+def _ends_within(pid: int, seconds: float) -> bool:
+    """Whether `pid` is gone (or a zombie, waiting to be reaped) within `seconds`: SIGKILL takes effect
+    asynchronously, a moment later on a loaded machine."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_a_failing_part_reports_its_error_and_keeps_its_results(tmp_path, monkeypatch):
