@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import DataConfig, RewardConfig, load_cli_config
+from .config_doc import help_text
 from .data import decode, encode_prompt, load_general, load_prompts
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .rewards import FormatReward, accuracy_reward, build_rewards, compute_rewards, extract_answer
@@ -147,7 +148,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(help_text(__doc__, EvalConfig))
         return
     if Path(argv[0]).is_dir():
         argv = [f"model={argv[0]}", *argv[1:]]

@@ -28,6 +28,7 @@ from fastgrpo_kernels.grpo_loss import rollout_is_weights, truncated_is_weights
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig, LossConfig, TrainConfig, load_cli_config, write_run_config
+from .config_doc import help_text
 from .data import PromptSampler, decode, load_prompts
 from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, end_worker, init_distributed,
                           reshard, world)
@@ -575,7 +576,7 @@ def train(cfg: GRPOConfig, reward_funcs=None) -> list[dict]:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(help_text(__doc__, GRPOConfig))
         return
     cfg = load_cli_config(GRPOConfig, argv)
     t0 = time.time()

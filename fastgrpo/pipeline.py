@@ -38,6 +38,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import latest_checkpoint
 from .config import ConfigError, DataConfig, GRPOConfig, ModelConfig, RewardConfig, load_cli_config, to_yaml
+from .config_doc import help_text
 from .evaluate import EvalConfig
 from .prm import PRMConfig, PRMDataConfig
 from .rejection import RejectionConfig
@@ -365,7 +366,7 @@ def run(cfg: PipelineConfig) -> str:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(help_text(__doc__, PipelineConfig))
         return
     run(load_cli_config(PipelineConfig, argv))
 

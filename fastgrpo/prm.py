@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LogConfig, ModelConfig, load_cli_config, to_yaml
+from .config_doc import help_text
 from .data import builtin_dataset, check_prompts, decode, encode_prompt, load_file
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .models import load_model
@@ -504,7 +505,7 @@ class ProcessRewardModelReward:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(help_text(__doc__, PRMConfig))
         return
     result = train(load_cli_config(PRMConfig, argv))
     print(f"held-out step accuracy {result['accuracy']:.3f} (always the commoner label: "

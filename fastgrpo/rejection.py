@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .config import DataConfig, RewardConfig, load_cli_config
+from .config_doc import help_text
 from .data import as_messages, load_general, load_prompts
 from .evaluate import sample
 from .generation import SamplingConfig, VLLMGenerator
@@ -170,7 +171,7 @@ def run(cfg: RejectionConfig) -> dict:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(help_text(__doc__, RejectionConfig))
         return
     summary = run(load_cli_config(RejectionConfig, argv))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))

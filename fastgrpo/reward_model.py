@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .checkpoint import fsync, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LogConfig, ModelConfig, load_cli_config, to_yaml
+from .config_doc import help_text
 from .data import builtin_dataset, check_prompts, load_file
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .models import load_model
@@ -206,7 +207,7 @@ def train(cfg: RewardModelConfig) -> dict:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(help_text(__doc__, RewardModelConfig))
         return
     result = train(load_cli_config(RewardModelConfig, argv))
     print(f"held-out pairwise accuracy {result['accuracy']:.3f}, mean margin {result['margin']:.3f} "

@@ -22,6 +22,7 @@ from fastgrpo_kernels import fused_linear_cross_entropy
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LogConfig, ModelConfig, load_cli_config, write_run_config
+from .config_doc import help_text
 from .data import builtin_dataset, check_prompts, encode_prompt, load_file
 from .distributed import all_reduce_sum, clip_grad_norm_, end_worker, init_distributed, world
 from .metrics import MetricsLogger, Timer, peak_memory_mib
@@ -190,7 +191,7 @@ def train(cfg: SFTConfig) -> list[dict]:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(help_text(__doc__, SFTConfig))
         return
     history = train(load_cli_config(SFTConfig, argv))
     if history:
