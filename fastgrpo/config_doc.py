@@ -98,10 +98,9 @@ def leaves(obj, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def keys(obj, prefix: str = "", root: type | None = None) -> list[Key]:
+def keys(obj, prefix: str = "") -> list[Key]:
     """Every key of the dataclass instance `obj` (sections before their keys, in source order); a section holding
     another entry point's schema is one Key that names that entry point and lists the defaults it changes."""
-    root = root or type(obj)
     out = []
     for f in dataclasses.fields(obj):
         annotation, comment = field_comments(type(obj))[f.name]
@@ -110,16 +109,21 @@ def keys(obj, prefix: str = "", root: type | None = None) -> list[Key]:
             out.append(Key(name, annotation, format_value(value), comment))
             continue
         cls = type(value)
-        stage = ENTRY_OF.get((cls.__module__, cls.__name__)) if cls is not root else None
+        stage = ENTRY_OF.get((cls.__module__, cls.__name__))
         if stage:
             own = leaves(cls())
             changed = ", ".join(f"{k}={format_value(v)}" for k, v in leaves(value).items() if own[k] != v)
             out.append(Key(name, annotation, changed, comment, section="", stage=stage))
             continue
-        out.append(Key(name, annotation, "", comment, section=" ".join((cls.__doc__ or "").split())
-                       if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else ""))
-        out.extend(keys(value, name + ".", root))
+        out.append(Key(name, annotation, "", comment, section=class_doc(cls)))
+        out.extend(keys(value, name + "."))
     return out
+
+
+def class_doc(cls) -> str:
+    """A dataclass' own docstring on one line; "" for the signature dataclasses write in its place."""
+    own = cls.__doc__ or ""
+    return "" if own.startswith(cls.__name__ + "(") else " ".join(own.split())
 
 
 def choices(name: str) -> tuple[str, ...] | None:
@@ -130,28 +134,27 @@ def choices(name: str) -> tuple[str, ...] | None:
 
 
 def describe(key: Key) -> str:
+    """What a key's entry says after its name, type and default: a stage section's changed defaults, a section's
+    docstring, the comments, the allowed values."""
     allowed = choices(key.name)
-    parts = [key.comment] + ([f"one of: {', '.join(allowed)}"] if allowed else [])
+    parts = [f"here with {key.default}" if key.stage and key.default else "", key.section or key.comment,
+             f"one of: {', '.join(allowed)}" if allowed else ""]
     return "; ".join(p for p in parts if p)
 
 
-def markdown(entry: str, schema: type, docstring: str) -> str:
+def markdown(entry: str, schema: type, entry_doc: str) -> str:
     """One entry point's section of docs/CONFIG.md."""
-    summary = " ".join(docstring.strip().split("\n\n")[0].split())
+    summary = " ".join(entry_doc.strip().split("\n\n")[0].split())
     out = [f"## `python -m {entry}` ({schema.__name__})", "", summary, ""]
     for key in keys(schema()):
-        depth = key.name.count(".")
         if key.stage:
-            text = f"the keys of [`{key.stage}`](#{anchor(key.stage)})" + (
-                f", here with {key.default}" if key.default else "")
-            text = "; ".join(t for t in (text, describe(key)) if t)
-            out.append(f"{'  ' * depth}- `{key.name}` ({key.type}): {text}")
+            head = f"`{key.name}` ({key.type}): the keys of [`{key.stage}`](#{anchor(key.stage)})"
         elif key.section is not None:
-            text = key.section or describe(key)
-            out.append(f"{'  ' * depth}- `{key.name}` ({key.type})" + (f": {text}" if text else ""))
+            head = f"`{key.name}` ({key.type})"
         else:
-            out.append(f"{'  ' * depth}- `{key.name}` ({key.type}, default `{key.default}`)"
-                       + (f": {describe(key)}" if describe(key) else ""))
+            head = f"`{key.name}` ({key.type}, default `{key.default}`)"
+        text, sep = describe(key), "; " if key.stage else ": "
+        out.append(f"{'  ' * key.name.count('.')}- {head}" + (sep + text if text else ""))
     return "\n".join(out) + "\n"
 
 
@@ -178,22 +181,20 @@ def reference() -> str:
     return "\n".join(head) + "\n" + "\n".join(sections)
 
 
-def help_text(docstring: str, schema: type) -> str:
+def help_text(entry_doc: str, schema: type) -> str:
     """An entry point's --help: its docstring, then every key of `schema` with its type, default and comment."""
-    out = [docstring.rstrip(), "", f"Config keys ({schema.__name__}) and their defaults (docs/CONFIG.md):"]
+    out = [entry_doc.rstrip(), "", f"Config keys ({schema.__name__}) and their defaults (docs/CONFIG.md):"]
     for key in keys(schema()):
         indent = "  " * (key.name.count(".") + 1)
         if key.stage:
-            head = f"{indent}{key.name}: {key.type}, the keys of python -m {key.stage} --help"
-            text = "; ".join(t for t in (f"here with {key.default}" if key.default else "", describe(key)) if t)
+            out.append(f"{indent}{key.name}: {key.type}, the keys of python -m {key.stage} --help")
         elif key.section is not None:
-            head, text = f"{indent}{key.name}:", key.section or describe(key)
+            out.append(f"{indent}{key.name}:")
         else:
-            head, text = f"{indent}{key.name}: {key.type} = {key.default}", describe(key)
-        out.append(head)
-        if text:
-            out.append(textwrap.fill(text, 116, initial_indent=indent + "    ", subsequent_indent=indent + "    ",
-                                     break_long_words=False, break_on_hyphens=False))
+            out.append(f"{indent}{key.name}: {key.type} = {key.default}")
+        if describe(key):
+            out.append(textwrap.fill(describe(key), 116, initial_indent=indent + "    ",
+                                     subsequent_indent=indent + "    ", break_long_words=False, break_on_hyphens=False))
     return "\n".join(out)
 
 
