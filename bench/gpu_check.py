@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import signal
 import subprocess
@@ -344,7 +345,7 @@ def run_part(name: str, work: Path, dry_run: bool, sizes: dict, deadline: float)
     result = work / (f"{name}.jsonl" if name == "kernels" else f"{name}.json")
     log = work / f"gpu_check_{name}.log"
     argv, env = part_command(name, result, dry_run, sizes)
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), _children_cpu_s()
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -355,7 +356,8 @@ def run_part(name: str, work: Path, dry_run: bool, sizes: dict, deadline: float)
             os.killpg(proc.pid, signal.SIGKILL)  # the part and every case process it started
             proc.wait()
             code, status = None, "timed out"
-    part = {"status": status, "seconds": round(time.monotonic() - t0, 1), "box_s": round(box), "exit_code": code}
+    part = {"status": status, "seconds": round(time.monotonic() - t0, 1), "box_s": round(box), "exit_code": code,
+            "cpu_s": round(_children_cpu_s() - cpu0, 1)}
     if status == "timed out":
         part["why"] = f"stopped at its {box:.0f} s box; the results below are what it finished"
     elif status == "failed":
@@ -365,6 +367,12 @@ def run_part(name: str, work: Path, dry_run: bool, sizes: dict, deadline: float)
     elif result.exists():
         part.update(json.loads(result.read_text()))
     return part
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of the finished processes this one has waited for (a part and, through it, its case processes)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def summarize_tests(path: Path) -> dict:
@@ -473,13 +481,13 @@ def render(report: dict) -> str:
         f"- ceilings of the fractions: {HBM_GBPS / 1000:.1f} TB/s HBM, {BF16_TFLOPS:.0f} bf16 TFLOP/s (measured on "
         "the lent H200s: device-to-device copy; 8192^3 bf16 GEMM, 769-798)",
         "",
-        "| part | status | seconds (box) | note |",
-        "|---|---|--:|---|",
+        "| part | status | seconds (box) | CPU seconds | note |",
+        "|---|---|--:|--:|---|",
     ]
     for name in PARTS:
         p = parts.get(name, {"status": "not run", "why": "not selected (--parts)"})
-        lines.append(f"| {name} | {p['status']} | {p.get('seconds', '')} ({p.get('box_s', '')}) | "
-                     f"{_cell(p.get('why', ''))} |")
+        lines.append(f"| {name} | {p['status']} | {p.get('seconds', '')} ({p.get('box_s', '')}) | {p.get('cpu_s', '')} "
+                     f"| {_cell(p.get('why', ''))} |")
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|--:|---|"]
     lines += [f"| {t['target']} | {t['shown']} | {_met(t['met'])} |" for t in report["targets"]]
     lines += _render_kernels(parts.get("kernels")) + _render_loss(parts.get("loss"))
