@@ -4,6 +4,7 @@
 #   bash scripts/gpu_check.sh       # on the CUDA machine (no network); the device call carries .whl, timeout ~540 s
 #   bash scripts/gpu_check.sh --dry-run [--out DIR]    # anywhere: every part at toy sizes on the CPU (CI runs it)
 # Writes bench/GPU.md and bench/GPU.json (or DIR/); on the device machine also into $OUT, with each part's log.
+# The device's copy of the tree has no .git: FASTGRPO_COMMIT=<hash> bash scripts/gpu_check.sh names the commit there.
 # PYTHON picks the interpreter (default python3: the one holding PyTorch on the GPU image).
 set -euo pipefail
 cd "$(dirname "$0")/.."
