@@ -7,6 +7,9 @@ Each run: two accumulation steps per optimizer step and num_iterations=2, so the
 step's completions with updated weights (ratios != 1, old log-probs from the fused pass); with beta > 0 the reference
 pass is the fused one too. Generation is transformers' sampling with fixed seeds; the fused path draws no random
 numbers, so both runs sample the same completions.
+
+Then every loss type (both importance levels where TRL has them), on one hand-made batch, against TRL's own
+`_compute_loss` and fused head on the same trainer: loss and every parameter's gradient.
 """
 
 import warnings
@@ -141,3 +144,81 @@ def test_bad_combination_is_named(tiny_model, tmp_path):
         integration.FastGRPOTrainer(model=tiny_model, reward_funcs=count_vowels,
                                     args=grpo_config(tmp_path, loss_type="sapo", delta=2.0),
                                     train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every loss type, on one batch: TRL's own _compute_loss (its fused head) against the integration's, on one trainer
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_model, tmp_path_factory):
+    from datasets import Dataset
+
+    # temperature: TRL's head takes it at construction
+    args = grpo_config(tmp_path_factory.mktemp("trl_out"), beta=0.04, gradient_accumulation_steps=3, temperature=0.7)
+    fast = integration.FastGRPOTrainer(model=tiny_model, reward_funcs=count_vowels, args=args,
+                                       train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    fast.current_gradient_accumulation_steps = 3  # set by Trainer.train, as is train mode; the normalizers read both
+    fast.model.train()
+    return fast
+
+
+def loss_inputs(vocab, seed=0):
+    """A prepared batch as _generate_and_score_completions leaves it: left-padded prompts, completions of different
+    lengths (one empty), old / reference log-probs near the policy's, token IS ratios around 1."""
+    B, P, T = 4, 3, 6
+    gen = torch.Generator().manual_seed(seed)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[1, 0] = 0
+    completion_mask = (torch.arange(T) < torch.tensor([6, 4, 0, 5])[:, None]).long()
+    return {
+        "prompt_ids": torch.randint(8, vocab, (B, P), generator=gen) * prompt_mask,
+        "prompt_mask": prompt_mask,
+        "completion_ids": torch.randint(8, vocab, (B, T), generator=gen) * completion_mask,
+        "completion_mask": completion_mask, "advantages": torch.tensor([1.0, -0.7, 0.4, -0.6]),
+        "num_items_in_batch": 3 * completion_mask.sum(),
+        # 1 where masked, as TRL's ratios of masked differences are (vespo sums them over every position)
+        "importance_sampling_ratio": torch.exp(0.2 * torch.randn(B, T, generator=gen) * completion_mask),
+    }
+
+
+def with_logps(trainer, inputs, seed=1):
+    """Old and reference log-probs: the policy's own (TRL's head) shifted by noise big enough to reach the clips."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    with torch.no_grad():
+        logp, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, ids, torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
+            inputs["completion_ids"].size(1))
+    noise = 0.3 * torch.randn(2, *logp.shape, generator=gen)
+    return inputs | {"old_per_token_logps": logp + noise[0], "ref_per_token_logps": logp + noise[1]}
+
+
+def loss_and_grads(compute, trainer, inputs):
+    trainer.model.zero_grad()
+    loss = compute(trainer, inputs)
+    (0.37 * loss).backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+
+LOSS_SETUPS = [(loss_type, level) for loss_type in ("grpo", "bnpo", "dapo", "dr_grpo", "luspo", "cispo", "sapo")
+               for level in ("token", "sequence")] + [("vespo", "token")]
+
+
+@pytest.mark.parametrize("loss_type,level", LOSS_SETUPS)
+def test_each_loss_type_matches_trls_compute_loss(trainer, loss_type, level, monkeypatch):
+    """Loss and every parameter's gradient, with KL (bias-corrected: TRL's default), vLLM token IS ratios, clip-higher
+    (cispo: its cap) and temperature 0.7, under 3 accumulation steps."""
+    monkeypatch.setattr(trainer, "loss_type", loss_type)
+    monkeypatch.setattr(trainer, "importance_sampling_level", level)
+    monkeypatch.setattr(trainer, "epsilon_high", 1.3 if loss_type == "cispo" else 0.28)
+    monkeypatch.setattr(trainer, "use_vllm", True)
+    monkeypatch.setattr(trainer, "vllm_importance_sampling_correction", True)
+    monkeypatch.setattr(trainer, "loss_config", integration.loss_config(trainer))
+    inputs = with_logps(trainer, loss_inputs(trainer.model.config.vocab_size))
+    theirs, their_grads = loss_and_grads(lambda t, x: GRPOTrainer._compute_loss(t, t.model, x), trainer, inputs)
+    ours, our_grads = loss_and_grads(lambda t, x: t._compute_loss(t.model, x), trainer, inputs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().max() > 0 for g in their_grads.values())
+    for name, grad in our_grads.items():
+        torch.testing.assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
