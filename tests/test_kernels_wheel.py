@@ -2,17 +2,18 @@
 that holds torch (with its own requirements) and triton and nothing else, runs every exported op there.
 
 How the fresh environment gets torch, measured on the 2-core CI machine: a real `pip install torch==2.13.0 <wheel>`
-took 85 s and 1.9 GB (torch from the CPU build on disk, triton's 286 MB wheel and torch's requirements from PyPI),
-too slow to run on every CI run. So the environment is made with `venv --without-pip` and gets exactly the
-distributions that install would have put there - torch, triton and the closure of their requirements, as this
-environment's metadata lists them - linked from this environment's site-packages, one distribution at a time (not a
-.pth file or system site-packages, which would expose everything here). pip (run from here with --python, so that
-pip itself is not in the environment) then installs the wheel with --no-index: every requirement the wheel declares
-must be met by what is there, or the install fails. fastgrpo, transformers and the rest of the trainer's
-dependencies are absent, which the smoke test checks before it runs each op forward and backward on the CPU (the
-torch backend, every op's default there). Then numpy is linked in too - Triton's interpreter imports it, though
-triton does not declare it, and nothing else needs it - and the smoke test runs again under TRITON_INTERPRET=1 with
-the Triton backend beside the torch one, which must agree.
+took 85 s and 97 s in two runs, 1.9 GB (torch from the CPU build on disk, triton's 286 MB wheel and torch's
+requirements from PyPI; the smoke test below passed in it on the torch backend), too slow to pay on every CI run. So
+the environment is made with `venv --without-pip` and gets exactly the distributions that install would have put
+there - torch, triton and the closure of their requirements, as this environment's metadata lists them - linked from
+this environment's site-packages, one distribution at a time (not a .pth file or system site-packages, which would
+expose everything here). pip (run from here with --python, so that pip itself is not in the environment) then
+installs the wheel with --no-index: every requirement the wheel declares must be met by what is there, or the
+install fails. fastgrpo, transformers and the rest of the trainer's dependencies are absent, which the smoke test
+checks before it runs each op forward and backward on the CPU (the torch backend, every op's default there). Then
+numpy is linked in too - Triton's interpreter imports it, though triton does not declare it, and nothing else needs
+it - and the smoke test runs again under TRITON_INTERPRET=1 with the Triton backend beside the torch one, which must
+agree.
 """
 
 import importlib.metadata
