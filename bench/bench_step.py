@@ -97,7 +97,7 @@ def step_times(ends: list[float]) -> list[float]:
 
 
 def build_fastgrpo(path: Path, work: Path, backend: str, prompts: int, G: int, length: int, steps: int,
-                   kv_cache_gib: float, gradient_checkpointing: bool, bf16: bool, info: dict):
+                   kv_cache_gib: float | None, gradient_checkpointing: bool, bf16: bool, info: dict):
     generation, *extra = backend.split("+")  # "vllm:zero_copy+train.micro_batch_tokens=2048": config overrides
     from transformers import AutoTokenizer
 
@@ -115,7 +115,7 @@ def build_fastgrpo(path: Path, work: Path, backend: str, prompts: int, G: int, l
         f"generation.sync={generation.partition(':')[2] or 'auto'}",
         f"generation.num_generations={G}",
         f"generation.max_completion_length={length}", f"generation.temperature={TEMPERATURE}",
-        f"generation.kv_cache_gib={kv_cache_gib}",
+        *([] if kv_cache_gib is None else [f"generation.kv_cache_gib={kv_cache_gib}"]),
         f"loss.loss_type={LOSS_TYPE}", f"loss.beta={BETA}", f"loss.eps_low={EPSILON}", f"loss.eps_high={EPSILON}",
         f"train.prompts_per_step={prompts}", f"train.steps={1 + steps}", f"train.lr={LR}", "train.seed=0",
         f"model.gradient_checkpointing={str(gradient_checkpointing).lower()}",
@@ -229,7 +229,7 @@ def build_trl(path: Path, work: Path, backend: str, prompts: int, G: int, length
 
 
 def build(impl: str, backend: str, model: str, prompts: int, G: int, length: int, steps: int,
-          kv_cache_gib: float = 1.0, gradient_checkpointing: bool = False, bf16: bool = False) -> Step:
+          kv_cache_gib: float | None = None, gradient_checkpointing: bool = False, bf16: bool = False) -> Step:
     """A Step whose `forward` is the whole training run (1 + steps steps); the harness's own timings of it
     (fwd_s, peak_extra_mib) include setup and are not used: the per-step numbers are in `info`."""
     path = _model_path(model)
@@ -337,8 +337,9 @@ def main():
     parser.add_argument("--G", type=int, default=8)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
-    parser.add_argument("--kv-cache-gib", type=float, default=1.0,
-                        help="fastgrpo's vLLM KV cache (generation.kv_cache_gib); resident memory on CPU")
+    parser.add_argument("--kv-cache-gib", type=float, default=None,
+                        help="fastgrpo's vLLM KV cache (generation.kv_cache_gib; resident memory on CPU); default: the "
+                             "trainer's, sized from the step")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute each decoder layer in the backward, on both sides")
     parser.add_argument("--bf16", action="store_true",
@@ -359,6 +360,7 @@ def main():
     eos = ("EOS disabled on both sides: every completion has L tokens" if fastgrpo_ignores_eos() else
            "EOS enabled on both sides (fastgrpo has no ignore_eos option yet): completions may end early, and "
            "`tokens` is what was generated")
+    kv_note = "step-sized (the trainer's default)" if args.kv_cache_gib is None else f"{args.kv_cache_gib:g} GiB"
     lines = [
         "# One GRPO step: fastgrpo vs TRL GRPOTrainer",
         "",
@@ -376,7 +378,7 @@ def main():
         "",
         "`s/step`: one step's end to the next; `gen s`: its rollout; `tokens`: completion tokens per step "
         "(`prompt tok`: prompt tokens, a check that both sides see the same prompts); `tokens/s`: completion tokens "
-        f"over step time; `setup`: resident set once models (and vLLM with its {args.kv_cache_gib:g} GiB KV cache) "
+        f"over step time; `setup`: resident set once models (and vLLM with its {kv_note} KV cache) "
         "are loaded; `peak`: the process's RSS high-water mark through the last step.",
         "",
         "| impl | generation | s/step | gen s | tokens | prompt tok | tokens/s | setup MiB | peak MiB | "

@@ -61,7 +61,8 @@ class GenerationConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_completion_length: int = 256
-    kv_cache_gib: float = 0.25  # CPU KV cache; CUDA uses gpu_memory_utilization
+    # CPU KV cache; None: the step's own need (vllm_bridge.kv_cache_gib_for). CUDA uses gpu_memory_utilization
+    kv_cache_gib: float | None = None
     ignore_eos: bool = False  # every completion runs to max_completion_length (benchmarks)
     gpu_memory_utilization: float = 0.3
     # vLLM tensor parallel size (vllm only): each group of this many consecutive ranks runs one vLLM that splits the

@@ -33,6 +33,7 @@ from .data import PromptSampler, decode, load_prompts
 from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, end_worker, init_distributed,
                           reshard, world)
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
+from .vllm_bridge import kv_cache_gib_for
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .models import load_model
 from .packing import (PackedBatch, PackingStats, completion_rows, completion_values, pack, packed_backward,
@@ -65,9 +66,14 @@ def make_generator(cfg: GRPOConfig, model, tokenizer):
             raise ValueError("generation.tensor_parallel_size > 1 needs generation.backend=vllm")
         return HFGenerator(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                            autocast=lambda: autocast(cfg.model, next(model.parameters()).device))
-    return VLLMGenerator(cfg.model.path, model, sync=g.sync, dtype=cfg.model.dtype,
-                         max_model_len=cfg.data.max_prompt_length + g.max_completion_length,
-                         kv_cache_gib=g.kv_cache_gib, gpu_memory_utilization=g.gpu_memory_utilization,
+    max_model_len = cfg.data.max_prompt_length + g.max_completion_length
+    kv_cache_gib = g.kv_cache_gib
+    if kv_cache_gib is None:  # one engine's share of the step's B*G sequences, all at once
+        engines = world_size // g.tensor_parallel_size
+        sequences = -(-cfg.train.prompts_per_step // engines) * g.num_generations
+        kv_cache_gib = kv_cache_gib_for(model.config, sequences, max_model_len, getattr(torch, cfg.model.dtype))
+    return VLLMGenerator(cfg.model.path, model, sync=g.sync, dtype=cfg.model.dtype, max_model_len=max_model_len,
+                         kv_cache_gib=kv_cache_gib, gpu_memory_utilization=g.gpu_memory_utilization,
                          seed=cfg.train.seed, tensor_parallel_size=g.tensor_parallel_size, world_size=world_size)
 
 

