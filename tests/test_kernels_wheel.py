@@ -32,7 +32,7 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow  # 45-70 s here: the build ~18 s, two smoke runs (the Triton interpreter's the longer)
+pytestmark = pytest.mark.slow  # 21-67 s here by the load: the build, then two smoke runs
 
 # Every name in fastgrpo_kernels.__all__ gets a check; the last line prints which ran, which the test compares with
 # __all__, so a new export without a check here fails.
