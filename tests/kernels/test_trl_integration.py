@@ -150,17 +150,21 @@ def test_bad_combination_is_named(tiny_model, tmp_path):
 # Every loss type, on one batch: TRL's own _compute_loss (its fused head) against the integration's, on one trainer
 
 
-@pytest.fixture(scope="module")
-def trainer(tiny_model, tmp_path_factory):
+def make_trainer(model_path, output_dir):
     from datasets import Dataset
 
     # temperature: TRL's head takes it at construction
-    args = grpo_config(tmp_path_factory.mktemp("trl_out"), beta=0.04, gradient_accumulation_steps=3, temperature=0.7)
-    fast = integration.FastGRPOTrainer(model=tiny_model, reward_funcs=count_vowels, args=args,
+    args = grpo_config(output_dir, beta=0.04, gradient_accumulation_steps=3, temperature=0.7)
+    fast = integration.FastGRPOTrainer(model=model_path, reward_funcs=count_vowels, args=args,
                                        train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
     fast.current_gradient_accumulation_steps = 3  # set by Trainer.train, as is train mode; the normalizers read both
     fast.model.train()
     return fast
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_model, tmp_path_factory):
+    return make_trainer(tiny_model, tmp_path_factory.mktemp("trl_out"))
 
 
 def loss_inputs(vocab, seed=0):
@@ -205,20 +209,52 @@ LOSS_SETUPS = [(loss_type, level) for loss_type in ("grpo", "bnpo", "dapo", "dr_
                for level in ("token", "sequence")] + [("vespo", "token")]
 
 
-@pytest.mark.parametrize("loss_type,level", LOSS_SETUPS)
-def test_each_loss_type_matches_trls_compute_loss(trainer, loss_type, level, monkeypatch):
-    """Loss and every parameter's gradient, with KL (bias-corrected: TRL's default), vLLM token IS ratios, clip-higher
-    (cispo: its cap) and temperature 0.7, under 3 accumulation steps."""
+def compare_with_trl(trainer, monkeypatch, loss_type, level, **input_changes):
+    """Loss and every parameter's gradient of TRL's _compute_loss and the integration's, with KL (bias-corrected:
+    TRL's default), vLLM IS ratios, clip-higher (cispo: its cap) and temperature 0.7, under 3 accumulation steps."""
     monkeypatch.setattr(trainer, "loss_type", loss_type)
     monkeypatch.setattr(trainer, "importance_sampling_level", level)
     monkeypatch.setattr(trainer, "epsilon_high", 1.3 if loss_type == "cispo" else 0.28)
     monkeypatch.setattr(trainer, "use_vllm", True)
     monkeypatch.setattr(trainer, "vllm_importance_sampling_correction", True)
     monkeypatch.setattr(trainer, "loss_config", integration.loss_config(trainer))
-    inputs = with_logps(trainer, loss_inputs(trainer.model.config.vocab_size))
+    inputs = with_logps(trainer, loss_inputs(trainer.model.config.vocab_size)) | input_changes
     theirs, their_grads = loss_and_grads(lambda t, x: GRPOTrainer._compute_loss(t, t.model, x), trainer, inputs)
     ours, our_grads = loss_and_grads(lambda t, x: t._compute_loss(t.model, x), trainer, inputs)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
     assert any(g.abs().max() > 0 for g in their_grads.values())
     for name, grad in our_grads.items():
         torch.testing.assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("loss_type,level", LOSS_SETUPS)
+def test_each_loss_type_matches_trls_compute_loss(trainer, loss_type, level, monkeypatch):
+    compare_with_trl(trainer, monkeypatch, loss_type, level)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("loss_type,level", [("dapo", "token"), ("grpo", "sequence")])
+def test_sequence_is_ratios_and_eval_mode(trainer, loss_type, level, mode, monkeypatch):
+    """Sequence-mode IS ratios ([B, 1], TRL's sequence_* modes), in train mode and in eval (no accumulation)."""
+    ratios = torch.tensor([[1.3], [0.8], [1.0], [0.0]])  # the last one masked out (a *_mask mode)
+    trainer.model.train(mode == "train")
+    try:
+        compare_with_trl(trainer, monkeypatch, loss_type, level, importance_sampling_ratio=ratios)
+    finally:
+        trainer.model.train()
+
+
+def test_tied_lm_head_matches_trl(tmp_path, monkeypatch):
+    """A head tied to the embeddings (Qwen2.5-0.5B's): the head's and the embedding's gradients land on one weight."""
+    from fastgrpo.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "tied", hidden=64, intermediate=128, tie_embeddings=True)
+    tied = make_trainer(str(path), tmp_path / "out")
+    assert tied.model.lm_head.weight is tied.model.model.embed_tokens.weight
+    compare_with_trl(tied, monkeypatch, "grpo", "token")
+
+
+def test_multimodal_inputs_are_named(trainer):
+    inputs = with_logps(trainer, loss_inputs(trainer.model.config.vocab_size))
+    with pytest.raises(ValueError, match="multimodal inputs \\(pixel_values\\)"):
+        trainer._compute_loss(trainer.model, inputs | {"pixel_values": torch.zeros(4, 3)})
