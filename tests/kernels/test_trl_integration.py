@@ -80,7 +80,6 @@ class Spy:
         monkeypatch.setattr(integration, name, counted)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     pytest.param(dict(), id="dapo"),
     pytest.param(dict(loss_type="grpo", beta=0.04, epsilon_high=0.28, temperature=0.7), id="grpo-kl"),
