@@ -149,11 +149,11 @@ def test_bad_combination_is_named(tiny_model, tmp_path):
 # Every loss type, on one batch: TRL's own _compute_loss (its fused head) against the integration's, on one trainer
 
 
-def make_trainer(model_path, output_dir):
+def make_trainer(model_path, output_dir, **overrides):
     from datasets import Dataset
 
     # temperature: TRL's head takes it at construction
-    args = grpo_config(output_dir, beta=0.04, gradient_accumulation_steps=3, temperature=0.7)
+    args = grpo_config(output_dir, beta=0.04, gradient_accumulation_steps=3, temperature=0.7, **overrides)
     fast = integration.FastGRPOTrainer(model=model_path, reward_funcs=count_vowels, args=args,
                                        train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
     fast.current_gradient_accumulation_steps = 3  # set by Trainer.train, as is train mode; the normalizers read both
@@ -251,6 +251,15 @@ def test_tied_lm_head_matches_trl(tmp_path, monkeypatch):
     tied = make_trainer(str(path), tmp_path / "out")
     assert tied.model.lm_head.weight is tied.model.model.embed_tokens.weight
     compare_with_trl(tied, monkeypatch, "grpo", "token")
+
+
+def test_bf16_model_with_fp32_head_matches_trl(tiny_model, tmp_path, monkeypatch):
+    """cast_lm_head_to_fp32 on a bf16 model: both heads take the bf16 backbone's states to fp32, outside autocast."""
+    fp32_head = make_trainer(tiny_model, tmp_path, cast_lm_head_to_fp32=True,
+                             model_init_kwargs={"dtype": "bfloat16"})
+    assert fp32_head.model.lm_head.weight.dtype == torch.float32
+    assert fp32_head.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    compare_with_trl(fp32_head, monkeypatch, "grpo", "token")
 
 
 def test_multimodal_inputs_are_named(trainer):
