@@ -10,12 +10,17 @@ objective is TRL's for every `loss_type` (grpo, dr_grpo, dapo, bnpo, cispo, sapo
 `use_bias_correction_kl`, `importance_sampling_level`, `epsilon` / `epsilon_high`, `delta`, `temperature`, the sapo /
 vespo hyperparameters, the vLLM importance-sampling correction in all four `vllm_importance_sampling_mode`s (TRL
 still computes the ratios; they enter as is_weights) and gradient accumulation, normalized as TRL does.
-An option whose effect the fused loss cannot reproduce is refused at construction with a ValueError naming it.
+An option whose effect the fused loss cannot reproduce is refused at construction with a ValueError naming it
+(top_entropy_quantile < 1, off_policy_mask_threshold, the entropy bonus, use_liger_kernel, an MoE aux loss, a
+multimodal processor, FSDP / DeepSpeed, an LM head with a bias, a logit scale or softcap); so are multimodal inputs.
+vespo sums the log IS ratios over completion tokens, TRL over every position: they agree where padding holds ratio
+1, as TRL's own ratios do unless C_min > 1 or C_max < 1. cast_lm_head_to_fp32 and bf16 autocast are kept.
 
 Logged metrics: kl, entropy, clip_ratio/{low,high,region}_mean (token means; at importance_sampling_level="sequence"
 TRL's count sequences) and cispo_clip_ratio; TRL's clip_ratio/low_min, clip_ratio/high_max and vespo/phi_seq_mean
 are not logged.
-Tested with TRL 1.16.0, single process (tests/kernels/test_trl_integration.py). FSDP and DeepSpeed are refused.
+Tested with TRL 1.16.0 in a single process (tests/kernels/test_trl_integration.py); DDP and PEFT go through the
+model's own forward as TRL's head does, but neither is tested here.
 """
 
 from __future__ import annotations
