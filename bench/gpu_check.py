@@ -22,7 +22,6 @@ The dry run calls the same functions; only SIZES and the device differ.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
 import json
 import math
@@ -396,20 +395,13 @@ def summarize_tests(path: Path) -> dict:
             "finished": bool(session), "test_seconds": round(sum(t["seconds"] for t in tests), 1)}
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def environment() -> dict:
     import torch
 
     import harness
 
     env = harness.environment()
-    env["versions"].update({p: _version(p) for p in ("transformers", "omegaconf", "datasets", "accelerate")})
+    env["versions"].update({p: harness._version(p) for p in ("transformers", "omegaconf", "datasets", "accelerate")})
     env["python"] = platform.python_version()
     env["torch_cuda"] = torch.version.cuda
     if os.environ.get("FASTGRPO_COMMIT") and env["commit"] == "uncommitted":
