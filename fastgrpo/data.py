@@ -298,13 +298,15 @@ def load_prompts(cfg: DataConfig, split: str | None = None, num_examples: int | 
     return ds
 
 
-def encode_prompt(tokenizer, prompt) -> list[int]:
-    """Token ids of a prompt, through the tokenizer's chat template when it has one."""
+def encode_prompt(tokenizer, prompt, tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a prompt, through the tokenizer's chat template when it has one; `tools` (JSON schemas) are
+    described to the model by the template."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(as_messages(prompt), tools=tools, add_generation_prompt=True,
+                                            tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    if isinstance(prompt, list):
-        raise ValueError("a prompt of chat messages needs a tokenizer with a chat template; this one has none")
+    if isinstance(prompt, list) or tools:
+        raise ValueError("chat messages or tools need a tokenizer with a chat template; this one has none")
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
@@ -325,6 +327,7 @@ class PromptSampler:
     epoch: int = 0
     position: int = 0
     skipped_long: int = 0
+    tools: list[dict] | None = None  # JSON schemas of the tools the prompts describe (multi-turn rollouts)
 
     def __post_init__(self):
         if len(self.dataset) == 0:
@@ -345,7 +348,7 @@ class PromptSampler:
             row = self._order[self.position]
             example = self.dataset[row]
             self.position += 1
-            ids = encode_prompt(self.tokenizer, example[self.cfg.prompt_column])
+            ids = encode_prompt(self.tokenizer, example[self.cfg.prompt_column], self.tools)
             if len(ids) <= self.cfg.max_prompt_length:
                 return ids, example
             if self.cfg.long_prompts == "error":
