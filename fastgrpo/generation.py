@@ -91,8 +91,15 @@ class VLLMGenerator:
         return self.weights.repack
 
     def sync_weights(self) -> float:
-        """Make vLLM see the trainer's current weights; returns seconds spent (0 when all are shared)."""
-        return self.weights.sync()
+        """Make vLLM see the trainer's current weights; returns seconds spent (0 when all are shared).
+
+        vLLM's prefix cache (on by default) holds the KV of whole blocks of prompts seen before, computed by the
+        weights of that time: it is emptied too, or a recurring prompt (a shared system prompt) would be sampled
+        from the old weights' KV, off-policy, with log-probs that are not the trainer's.
+        """
+        seconds = self.weights.sync()
+        self.llm.reset_prefix_cache()
+        return seconds
 
     def sleep(self):
         """Free what only sampling needs while the trainer runs: the KV cache (CUDA), the packed copies (CPU)."""

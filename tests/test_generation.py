@@ -320,3 +320,15 @@ def test_the_default_kv_cache_holds_one_step_and_little_more(model_path):
     cache = generator.llm.llm_engine.vllm_config.cache_config
     capacity = cache.num_gpu_blocks * cache.block_size
     assert 24 * 128 <= capacity and cache.num_gpu_blocks * per_token * cache.block_size <= 1.3 * 24 * 128 * per_token
+
+
+def test_a_cached_prompt_prefix_is_not_reused_after_the_weights_change(setup):
+    """vLLM caches the KV of whole blocks of a prompt (128 tokens on CPU) and, on a later step, would reuse what the
+    old weights computed for a prompt it has seen: every step's sampling log-probs must be the current weights'."""
+    model, gen = setup
+    prompt = [[1] + [10 + (i % 60) for i in range(200)]]  # a whole block and more
+    sampling = SamplingConfig(n=2, temperature=TEMPERATURE, max_tokens=8, seed=0)
+    gen.generate(prompt, sampling)
+    train_step(model, seed=7)
+    gen.sync_weights()
+    assert max_logprob_error(model, prompt, gen.generate(prompt, sampling), TEMPERATURE) < 1e-4
