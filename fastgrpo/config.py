@@ -27,12 +27,30 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft (fastgrpo/lora.py): only they train and carry optimizer state; the reference is the
+    base with the adapters disabled, and vLLM samples from the base with the current adapters merged."""
+
+    r: int = 16  # rank
+    alpha: float = 32.0  # the adapters' output is scaled by alpha / r
+    dropout: float = 0.0
+    # the decoder's linear layers by their transformers names (Qwen2 / Llama / Mistral naming)
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    quantize: str | None = None  # nf4: a 4-bit base (QLoRA); refused where bitsandbytes cannot run it (lora.py)
+
+
+@dataclass
 class ModelConfig:
     path: str = "???"  # a local Hugging Face folder, or a hub name where the hub is reachable
     dtype: str = "float32"  # float32 | bfloat16: what the forward and backward compute in (fastgrpo/precision.py)
     param_dtype: str = "float32"  # trainable weights, gradients, optimizer state; bfloat16 loses small updates
     trust_remote_code: bool = False  # off unless turned on: loading a model must not run its code
     gradient_checkpointing: bool = False
+    # None: full fine-tuning. Setting any model.lora key turns LoRA on (fastgrpo/lora.py), the others then default:
+    # r=16, alpha=32.0, dropout=0.0, target_modules=[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+    # (the decoder's linear layers), quantize=null (nf4: QLoRA, where bitsandbytes runs it); e.g. model.lora.r=8
+    lora: LoraConfig | None = None
 
 
 @dataclass
@@ -203,6 +221,7 @@ class GRPOConfig:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "model.lora.quantize": ("nf4",),
     "dtype": ("auto", "float32", "bfloat16"),  # evaluation and rejection sampling: vLLM's
     "data.long_prompts": ("skip", "error"),
     "generation.backend": ("vllm", "hf"),

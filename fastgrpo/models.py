@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from .config import ModelConfig
 from .distributed import shard_model, world
+from .lora import apply_lora, check_quantize
 from .precision import DTYPES, weights_dtype
 
 
@@ -31,10 +32,13 @@ def load_model(cfg: ModelConfig, trainable: bool, device: torch.device, auto_cla
                **kwargs) -> torch.nn.Module:
     """The `auto_class` model at cfg.path, sharded over the ranks, on `device`.
 
-    trainable: weights in model.param_dtype, train mode, gradient checkpointing as configured; frozen: weights in
-    model.dtype, eval mode, no gradients. kwargs go to from_pretrained (e.g. num_labels=1 for a reward model).
+    trainable: weights in model.param_dtype, train mode, gradient checkpointing as configured, and with model.lora
+    wrapped by peft (only the adapters require gradients); frozen: weights in model.dtype, eval mode, no gradients.
+    kwargs go to from_pretrained (e.g. num_labels=1 for a reward model).
     """
     param_dtype = weights_dtype(cfg, trainable)
+    if trainable and cfg.lora is not None:
+        check_quantize(cfg.lora, device)
     if world()[1] == 1:
         return _from_pretrained(auto_class, cfg, trainable, param_dtype, **kwargs).to(device)
     model = shard_model(_from_pretrained(auto_class, cfg, trainable, "auto", **kwargs), DTYPES[cfg.dtype], param_dtype)
@@ -52,4 +56,6 @@ def _from_pretrained(auto_class, cfg: ModelConfig, trainable: bool, dtype: torch
         return model.eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.lora is not None:  # the adapters train, the base is frozen (fastgrpo/lora.py)
+        model = apply_lora(model, cfg.lora)
     return model.train()

