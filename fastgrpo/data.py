@@ -62,6 +62,22 @@ def _addition(rng: random.Random, split: str, digits: int = 2) -> dict:
     return {"prompt": f"{a}+{b}=", "answer": str(a + b), "cot": " ".join(steps), "task": "reasoning"}
 
 
+def _multiplication(rng: random.Random, split: str) -> dict:
+    """a*b with a of 3 digits and b of 1 or 2 (each half the time): what the tiny model does poorly alone and well
+    with a calculator tool (the cold start of sft.TOOL_DEMOS). No chain of thought: the answer is written directly,
+    or copied from the tool's result.
+
+    >>> _multiplication(random.Random(0), "train")
+    {'prompt': '876*63=', 'answer': '55188', 'task': 'reasoning'}
+    """
+    low, high = rng.choice([(2, 10), (10, 100)])  # b of 0 or 1 would be no multiplication at all
+    while True:
+        a, b = rng.randrange(100, 1000), rng.randrange(low, high)
+        if split_of(f"{a}*{b}=") == split:
+            break
+    return {"prompt": f"{a}*{b}=", "answer": str(a * b), "task": "reasoning"}
+
+
 NAMES = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea", "Max", "Nia",
          "Omar", "Pia", "Raj", "Sara", "Tom", "Uma", "Vic", "Wen", "Yara", "Zoe"]
 ITEMS = ["pen", "book", "cake", "map", "lamp", "cup", "hat", "kite", "bike", "song"]
@@ -131,6 +147,7 @@ TASKS = {  # name -> f(rng, split) -> one example of that split
     "arithmetic3": functools.partial(_addition, digits=3),
     "assist": _assist,
     "code": _code,  # a one-line Python function, checked by the sandboxed "code" reward (code_task.py)
+    "multiply": _multiplication,  # the calculator tool's task (multi-turn rollouts)
 }
 
 

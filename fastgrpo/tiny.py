@@ -12,9 +12,26 @@ from pathlib import Path
 import torch
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<think>", "</think>"]
+# Tools (JSON schemas, as transformers' get_json_schema writes them) are shown before the conversation as one short
+# line, names and parameter names only: the model reads characters, so every character of a description costs a
+# token of every prompt. A tool call is the Hermes / Qwen2.5 format, <tool_call>{"name", "arguments"}</tool_call>,
+# closing the assistant turn with </s>; a tool's result comes back as a user turn in <tool_response> tags. Rendering
+# is prefix-consistent (a conversation's rendering starts with the rendering of each of its prefixes), so a
+# multi-turn rollout can append each observation's tokens to the sampled ids. Without tools, tool calls and tool
+# messages the rendering is exactly the original template's, on which the published tiny models were trained.
 CHAT_TEMPLATE = (
+    "{% if tools %}tools:{% for t in tools %}{% set f = t['function'] if t['function'] is defined else t %}"
+    " {{ f['name'] }}({{ f['parameters']['properties'] | join(',') if f['parameters'] is defined else '' }})"
+    "{% endfor %}{{ '\\n' }}{% endif %}"
     "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}{% else %}<|assistant|>{{ m['content'] }}</s>{% endif %}"
+    "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% elif m['role'] == 'tool' %}<|user|><tool_response>{{ m['content'] }}</tool_response>"
+    "{% elif m['tool_calls'] %}<|assistant|>{{ m['content'] or '' }}{% for c in m['tool_calls'] %}"
+    "{% set f = c['function'] if c['function'] is defined else c %}"
+    "<tool_call>{\"name\": {{ f['name'] | tojson }}, \"arguments\": "
+    "{{ f['arguments'] if f['arguments'] is string else f['arguments'] | tojson }}}</tool_call>"
+    "{% endfor %}</s>"
+    "{% else %}<|assistant|>{{ m['content'] }}</s>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
