@@ -34,6 +34,10 @@ pickled .metadata. The model weights always come from the consolidated model.saf
 gathered tensors; each rank copies its own slice as it loads), and a single-process checkpoint's optimizer state is
 sharded as it loads. Every rank must see the checkpoint directory (several nodes: a shared filesystem).
 
+A LoRA run (fastgrpo/lora.py) saves its adapter in peft's format in place of the model weights (adapter_config.json,
+adapter_model.safetensors: `PeftModel.from_pretrained(base, step_dir)` loads it) and the adapters' optimizer state;
+`python -m fastgrpo.lora merge STEP_DIR OUT` writes the base with the adapter merged, a Hugging Face folder.
+
 A checkpoint directory only ever appears whole: it is written under a temporary name, fsynced, and renamed into place
 (a rename within one filesystem is atomic), and only then does `latest` move. So a crash at any point leaves the
 previous checkpoint and pointer intact, and any `step-*` directory is complete; a failed write (a full disk) removes
@@ -69,6 +73,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .distributed import world
+from .lora import adapter_state, is_lora
 
 FORMAT = 2  # trainer/state.json's "format"; 1 was trainer_state.pt (pickle)
 TRAINER = "trainer"  # the checkpoint's subdirectory of what only resuming reads
@@ -300,7 +305,7 @@ def _load_sharded_optimizer(path: Path, model, optimizer, rest: dict) -> None:
 
 def _by_name(optimizer_state: dict, model) -> dict:
     """A plain optimizer.state_dict() (keyed by parameter position) keyed by parameter name instead."""
-    names = [name for name, _ in model.named_parameters()]
+    names = [name for name, p in model.named_parameters() if p.requires_grad]  # the optimizer's (LoRA: adapters)
     return {"state": {names[i]: s for i, s in optimizer_state["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optimizer_state["param_groups"]]}
 
@@ -311,13 +316,15 @@ def load_model_weights_(model: torch.nn.Module, path) -> None:
 
     Tensors are read one at a time, so no second copy of the model is held. Tied weights (an LM head sharing the
     embedding) are saved once under one name and count as loaded under all of theirs. An FSDP2-sharded model's
-    ranks each read only their own slice of each tensor from the file.
+    ranks each read only their own slice of each tensor from the file. A LoRA (peft) model's checkpoint holds its
+    adapter alone (adapter_model.safetensors, peft's names): that is what is loaded, the base stays as loaded.
     """
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"checkpoint {path} is incomplete: no *.safetensors weight files")
-    targets = model.state_dict()  # detached views of the parameters and persistent buffers
+    # detached views of the parameters and persistent buffers
+    targets = adapter_state(model) if is_lora(model) else model.state_dict()
     loaded = set()
     for file in files:
         with _open_safetensors(file) as f:

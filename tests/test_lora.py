@@ -155,3 +155,49 @@ def test_zero_copy_with_lora_keeps_one_copy_of_the_base(model_path):
     padded_rows = engine.model.embed_tokens.weight.shape[0] - model.config.vocab_size
     assert sum(storages.values()) == (nbytes(base.values()) + nbytes(adapters(model))
                                       + 2 * padded_rows * model.config.hidden_size * 4)
+
+
+def sevens(completions, **kwargs):
+    return [c.count("7") / max(len(c), 1) for c in completions]
+
+
+def grpo_cfg(model_path, run_dir, *overrides):
+    return load_config(GRPOConfig, None, [
+        f"model.path={model_path}", f"log.run_dir={run_dir}", "log.tensorboard=false", "model.lora.r=4",
+        "data.num_examples=64", "data.max_prompt_length=32", "loss.beta=0.04",
+        "generation.backend=hf", "generation.num_generations=4", "generation.max_completion_length=12",
+        "train.prompts_per_step=4", "train.lr=3e-2", "train.micro_batch_tokens=256", "log.save_every=2", *overrides])
+
+
+def test_grpo_lora_checkpoint_is_peft_format_and_resumes_exactly(model_path, tmp_path):
+    """A LoRA GRPO run (beta > 0: the reference is the disabled adapter) checkpoints its adapter in peft's format,
+    which PeftModel.from_pretrained loads, and a run resumed from it continues exactly as one that was not
+    interrupted; the merged export loads with AutoModelForCausalLM and computes the adapted model's log-probs."""
+    from peft import PeftModel
+
+    from fastgrpo.grpo import train
+    from fastgrpo.lora import export_merged
+
+    straight = train(grpo_cfg(model_path, tmp_path / "a", "train.steps=4"), reward_funcs=[sevens])
+    train(grpo_cfg(model_path, tmp_path / "b", "train.steps=2"), reward_funcs=[sevens])
+    resumed = train(grpo_cfg(model_path, tmp_path / "b", "train.steps=4"), reward_funcs=[sevens])
+    for a, b in zip(straight[2:], resumed[2:]):
+        for key in ("reward/mean", "loss/kl", "grad_norm", "completion/length_mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    assert straight[-1]["loss/kl"] > 0  # the adapters moved the policy away from its reference, the base
+    step_dir = tmp_path / "a" / "checkpoints" / "step-00000004"
+    assert (step_dir / "adapter_model.safetensors").is_file() and not (step_dir / "model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    ids = torch.tensor([PROMPTS[0] + [40, 41, 42]])
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, step_dir)(input_ids=ids).logits
+    resumed_dir = tmp_path / "b" / "checkpoints" / "step-00000004"
+    from safetensors.torch import load_file
+
+    a, b = load_file(step_dir / "adapter_model.safetensors"), load_file(resumed_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.allclose(adapted, expected)
+    merged = AutoModelForCausalLM.from_pretrained(export_merged(step_dir, tmp_path / "merged"), dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-5)
