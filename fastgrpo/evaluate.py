@@ -20,13 +20,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .config import DataConfig, RewardConfig, load_cli_config
 from .config_doc import help_text
 from .data import decode, encode_prompt, load_general, load_prompts
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .rewards import FormatReward, accuracy_reward, build_rewards, compute_rewards, extract_answer
-from .runs import check_model_path, command_line, write_atomic
+from .runs import check_model_path, command_line, evaluation_summary, write_atomic
+
+# vLLM's default scheduler runs at most 256 sequences at once on a GPU (max_num_seqs): chunks of that size keep it
+# as busy as one call with every prompt would, but for each chunk's tail
+SEQUENCES_PER_CHUNK = 256
 
 
 @dataclass
@@ -61,10 +66,24 @@ def make_sampler_llm(cfg: EvalConfig):
     return generator, tokenizer
 
 
-def sample(generator, tokenizer, prompts: list, sampling: SamplingConfig) -> list[list]:
-    """k completions per prompt: (text, token ids, finish reason), the text with special tokens but no EOS."""
-    outputs = generator.generate([encode_prompt(tokenizer, p) for p in prompts], sampling)
-    return [[(decode(tokenizer, c.token_ids), c.token_ids, c.finish_reason) for c in group] for group in outputs]
+def sample(generator, tokenizer, prompts: list, sampling: SamplingConfig, desc: str = "sampling") -> list[list]:
+    """k completions per prompt: (text, token ids, finish reason), the text with special tokens but no EOS.
+
+    In chunks of about SEQUENCES_PER_CHUNK sequences, for a progress bar with ETA (off when stderr is no terminal).
+    Sample j of prompt i keeps its seed, sampling.seed + i * n + j, whatever the chunk (each chunk's seed starts
+    where its first prompt's does), so the samples are those of one call with every prompt.
+    """
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    per_chunk = max(1, SEQUENCES_PER_CHUNK // sampling.n)
+    groups = []
+    with tqdm(total=len(ids), desc=desc, unit="prompt", disable=None) as bar:
+        for start in range(0, len(ids), per_chunk):
+            seed = None if sampling.seed is None else sampling.seed + start * sampling.n
+            outputs = generator.generate(ids[start:start + per_chunk], replace(sampling, seed=seed))
+            groups += [[(decode(tokenizer, c.token_ids), c.token_ids, c.finish_reason) for c in group]
+                       for group in outputs]
+            bar.update(len(outputs))
+    return groups
 
 
 def held_out(source: str) -> str | None:
@@ -86,7 +105,7 @@ def evaluate_reasoning(generator, tokenizer, cfg: EvalConfig) -> dict:
     k = cfg.k
     sampling = SamplingConfig(n=k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_completion_length,
                               seed=cfg.seed)
-    groups = sample(generator, tokenizer, ds[cfg.data.prompt_column], sampling)
+    groups = sample(generator, tokenizer, ds[cfg.data.prompt_column], sampling, desc="eval reasoning")
     texts = [t for g in groups for t, _, _ in g]
     ids = [i for g in groups for _, i, _ in g]
     columns = {c: [v for v in ds[c] for _ in range(k)] for c in ds.column_names if c != cfg.data.prompt_column}
@@ -114,7 +133,7 @@ def evaluate_general(generator, tokenizer, cfg: EvalConfig, device=None) -> dict
     ds = load_general(cfg.data, split=held_out(cfg.data.general_source))
     sampling = SamplingConfig(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_tokens=cfg.max_completion_length, seed=cfg.seed + 1)
-    groups = sample(generator, tokenizer, ds[cfg.data.prompt_column], sampling)
+    groups = sample(generator, tokenizer, ds[cfg.data.prompt_column], sampling, desc="eval general")
     prompts = [p for p in ds[cfg.data.prompt_column] for _ in range(cfg.k)]
     texts = [t for g in groups for t, _, _ in g]
     out = {"general_prompts": len(groups), "general_length": sum(len(i) for g in groups for _, i, _ in g) / len(texts)}
@@ -154,7 +173,7 @@ def main(argv=None):
         argv = [f"model={argv[0]}", *argv[1:]]
     cfg = load_cli_config(EvalConfig, argv)
     results = evaluate(cfg)
-    print(json.dumps(results, indent=1))
+    print(evaluation_summary(results, argv, cfg.out), flush=True)
 
 
 if __name__ == "__main__":

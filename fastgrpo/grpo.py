@@ -30,6 +30,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig, LossConfig, TrainConfig, load_cli_config, write_run_config
 from .config_doc import help_text
 from .data import PromptSampler, decode, load_prompts
+from .episodes import EpisodeRunner, tools_enabled
 from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, end_worker, init_distributed,
                           reshard, world)
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
@@ -134,22 +135,28 @@ class Rollout:
     # None: outcome rewards alone
     step_rewards: list[list[tuple[int, float]]] | None = None
     rows: list[dict] | None = None  # (S,) each sequence's dataset row (its prompt, answer and other columns)
+    # multi-turn episodes: per completion token 1 where sampled, 0 in an observation (no loss, KL, entropy); and per
+    # episode its turns, tool_calls and tool_errors. None: single-turn completions, every token sampled
+    loss_mask: list[list[int]] | None = None
+    episodes: list[dict] | None = None
 
 
 def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: GRPOConfig, step: int,
-                    judge: int | None = None) -> Rollout:
+                    judge: int | None = None, episodes: EpisodeRunner | None = None) -> Rollout:
     """The step's B groups of G completions, with rewards; on several ranks every rank returns the whole rollout.
 
     A round draws the prompts still missing, each rank generates and scores its share of them, and, with dynamic
     sampling, drops the groups that teach nothing (judged by per_func[:, judge]; the total reward where judge is
     None); rounds repeat in lockstep on the global count of kept groups. Then every rank gathers every rank's groups.
+    With `episodes` each completion is a multi-turn episode (fastgrpo/episodes.py).
     """
     B, G = cfg.train.prompts_per_step, cfg.generation.num_generations
     parts, refills, kept = [], 0, 0
     while kept < B:
         # every rank draws the same prompts: one sampler state whatever the number of ranks, so a run resumes on any
         batch = [sampler.next() for _ in range(B - kept)]
-        mine, completions = generate_share(generator, batch, cfg, step * (cfg.train.max_refills + 1) + refills)
+        mine, completions = generate_share(generator, batch, cfg, step * (cfg.train.max_refills + 1) + refills,
+                                           episodes)
         keep = torch.zeros(0, dtype=torch.bool)
         if mine:
             rewards, per_func, steps = score_share(mine, completions, tokenizer, reward_funcs, weights, cfg)
@@ -165,7 +172,8 @@ def collect_rollout(generator, sampler, tokenizer, reward_funcs, weights, cfg: G
     return gather_rollout(parts, refills - 1)
 
 
-def generate_share(generator, batch: list, cfg: GRPOConfig, round_index: int) -> tuple[list, list]:
+def generate_share(generator, batch: list, cfg: GRPOConfig, round_index: int,
+                   episodes: EpisodeRunner | None = None) -> tuple[list, list]:
     """(this rank's contiguous share of a round's prompts `batch`, their completions: G per prompt, flat).
 
     Every sample of the run gets its own seed (prompt i of a round: seed + i * G + j), the same on any number of ranks
@@ -184,7 +192,11 @@ def generate_share(generator, batch: list, cfg: GRPOConfig, round_index: int) ->
                               max_tokens=g.max_completion_length, ignore_eos=g.ignore_eos, seed=seed + group_lo * G)
     # A rank with no prompt in a refill round still generates (a stand-in, dropped): with the hf backend under
     # FSDP each forward is a collective that every rank must join.
-    outputs = generator.generate([ids for ids, _ in batch[group_lo:group_hi]] or [batch[0][0]], sampling)
+    share = batch[group_lo:group_hi] or batch[:1]
+    if episodes is None:
+        outputs = generator.generate([ids for ids, _ in share], sampling)
+    else:
+        outputs = episodes.generate(generator, [ids for ids, _ in share], [row for _, row in share], sampling)
     return batch[lo:hi], [c for group in outputs[lo - group_lo: hi - group_lo] for c in group]
 
 
@@ -195,6 +207,8 @@ def score_share(mine: list, completions: list, tokenizer, reward_funcs, weights,
     prompts = [ex[cfg.data.prompt_column] for _, ex in mine for _ in range(G)]
     columns = {k: [ex[k] for _, ex in mine for _ in range(G)] for k in mine[0][1]}
     columns.pop(cfg.data.prompt_column)
+    if "reward" in completions[0].extra:  # multi-turn: what each episode's environment scored it
+        columns["environment_reward"] = [c.extra["reward"] for c in completions]
     texts = [decode(tokenizer, c.token_ids) for c in completions]
     pattern = cfg.rewards.step_pattern
     steps = None if pattern is None else [find_steps(tokenizer, c.token_ids, pattern) for c in completions]
@@ -209,10 +223,14 @@ def gather_rollout(parts: list, refills: int) -> Rollout:
     prompt_ids = [p for part in parts for p in part[0]]
     completions = [c for part in parts for c in part[1]]
     step_rewards = None if parts[0][4] is None else [s for part in parts for s in part[4]]
+    multi_turn = "mask" in completions[0].extra
     return Rollout(prompt_ids, [c.token_ids for c in completions], [c.logprobs for c in completions],
                    torch.tensor([c.finish_reason == "length" for c in completions]),
                    torch.cat([part[2] for part in parts]), torch.cat([part[3] for part in parts]), refills,
-                   step_rewards, [p for part in parts for p in part[5]])
+                   step_rewards, [p for part in parts for p in part[5]],
+                   [c.extra["mask"] for c in completions] if multi_turn else None,
+                   [{k: c.extra[k] for k in ("turns", "tool_calls", "tool_errors")} for c in completions]
+                   if multi_turn else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,7 +315,8 @@ def prepare(model, ref_model, rollout: Rollout, advantages, cfg: GRPOConfig) -> 
     packed, num_batches, stats = pack_step(rollout, cfg, device)
     S = len(rollout.completion_ids)
     keep_seq = ~rollout.truncated if L.mask_truncated else torch.ones(S, dtype=torch.bool)
-    num_items = float(sum(len(c) for c, k in zip(rollout.completion_ids, keep_seq) if k))
+    sampled = rollout.loss_mask or [[1] * len(c) for c in rollout.completion_ids]  # observations are not trained
+    num_items = float(sum(sum(m) for m, k in zip(sampled, keep_seq) if k))
     norms = {"num_items": num_items, "num_sequences": float(S), "num_batches": num_batches}
     if num_items == 0:
         return [], norms, stats
@@ -309,20 +328,24 @@ def prepare(model, ref_model, rollout: Rollout, advantages, cfg: GRPOConfig) -> 
            if L.beta else [None] * len(packed))
     micro_batches = []
     for (p, rows, cu_seqlens, real), old_logp, ref_logp in zip(packed, old, ref):
-        is_weights = rollout_correction(L, old_logp, p, cu_seqlens, rollout.sampling_logp)
+        mask = keep_seq[p.seq_of_token[rows]].float()
+        if rollout.loss_mask is not None:
+            mask = mask * completion_values(p, rollout.loss_mask)
+        is_weights = rollout_correction(L, old_logp, p, cu_seqlens, rollout.sampling_logp, mask)
         adv = (None, completion_values(p, advantages)) if per_token else (advantages.to(device)[p.seq_indices], None)
-        micro_batches.append(MicroBatch(p, rows, cu_seqlens, real, *adv, keep_seq[p.seq_of_token[rows]].float(),
-                                        old_logp, ref_logp, is_weights))
+        micro_batches.append(MicroBatch(p, rows, cu_seqlens, real, *adv, mask, old_logp, ref_logp, is_weights))
     return micro_batches, norms, stats
 
 
-def rollout_correction(L: LossConfig, old_logp, packed: PackedBatch, cu_seqlens, sampling_logp) -> torch.Tensor | None:
+def rollout_correction(L: LossConfig, old_logp, packed: PackedBatch, cu_seqlens, sampling_logp,
+                       mask: torch.Tensor) -> torch.Tensor | None:
     """IS weights (n,) on a micro-batch's completion rows against the generator's log-probs (loss.tis_cap, or TRL's
     loss.is_mode); None with neither. cu_seqlens (k+1,) delimits the rows' k sequences, so that a sequence mode
-    takes each sequence's own product of ratios and not the packed row's."""
+    takes each sequence's own product of ratios and not the packed row's. Where `mask` is 0 (observations of
+    multi-turn episodes: no generator log-prob) the ratio is 1, so a sequence's product is over its sampled tokens."""
     if L.tis_cap is None and L.is_mode is None:
         return None
-    sampled = completion_values(packed, sampling_logp)  # (n,)
+    sampled = torch.where(mask > 0, completion_values(packed, sampling_logp), old_logp)  # (n,)
     if L.tis_cap is not None:
         return truncated_is_weights(old_logp, sampled, cap=L.tis_cap)
     return rollout_is_weights(old_logp, sampled, mode=L.is_mode, clip_min=L.is_clip_min, clip_max=L.is_clip_max,
@@ -392,11 +415,12 @@ def learning_rate(train: TrainConfig, step: int) -> float:
     return train.lr * min(1.0, (step + 1) / max(train.warmup_steps, 1))
 
 
-def make_sampler(cfg: GRPOConfig, tokenizer) -> PromptSampler:
+def make_sampler(cfg: GRPOConfig, tokenizer, episodes: EpisodeRunner | None = None) -> PromptSampler:
     """The prompts in an order drawn from data.seed and train.seed, so that runs over seeds (the pipeline's seed
-    goes into train.seed) see the prompts in different orders; data.seed alone picks a built-in task's examples."""
+    goes into train.seed) see the prompts in different orders; data.seed alone picks a built-in task's examples.
+    With `episodes` the prompts describe its tools."""
     order = replace(cfg.data, seed=cfg.data.seed + cfg.train.seed)
-    return PromptSampler(load_prompts(cfg.data), tokenizer, order)
+    return PromptSampler(load_prompts(cfg.data), tokenizer, order, tools=episodes.schemas if episodes else None)
 
 
 def check_trained(history: list[dict], bad_steps: int, cfg: GRPOConfig, run_dir: Path) -> None:
@@ -431,6 +455,8 @@ def rollout_metrics(rollout: Rollout, advantages, reward_names, G: int) -> dict:
     }
     for i, name in enumerate(reward_names):
         metrics[f"reward/{name}"] = float(rollout.per_func[:, i].nanmean())
+    if rollout.episodes is not None:
+        metrics.update(episode_metrics(rollout))
     if rollout.step_rewards is not None:
         step_rewards = torch.tensor([r for s in rollout.step_rewards for _, r in s if r == r])
         metrics.update({
@@ -438,6 +464,19 @@ def rollout_metrics(rollout: Rollout, advantages, reward_names, G: int) -> dict:
             "steps/reward_mean": float(step_rewards.mean()) if step_rewards.numel() else float("nan"),
             "steps/reward_std": float(step_rewards.std()) if step_rewards.numel() > 1 else 0.0})
     return metrics
+
+
+def episode_metrics(rollout: Rollout) -> dict:
+    """Multi-turn episodes: turns, tool use and sampled / observation tokens, per episode."""
+    episodes, S = rollout.episodes, len(rollout.episodes)
+    calls = sum(e["tool_calls"] for e in episodes)
+    sampled = sum(map(sum, rollout.loss_mask))
+    return {"episode/turns_mean": sum(e["turns"] for e in episodes) / S,
+            "episode/sampled_tokens_mean": sampled / S,
+            "episode/observation_tokens_mean": (sum(map(len, rollout.loss_mask)) - sampled) / S,
+            "tools/calls_per_episode": calls / S,
+            "tools/call_share": sum(e["tool_calls"] > 0 for e in episodes) / S,
+            "tools/error_rate": sum(e["tool_errors"] for e in episodes) / max(calls, 1)}
 
 
 @dataclass
@@ -459,6 +498,7 @@ class Run:
     loss_config: object  # the loss op's (LossConfig.to_kernel)
     logger: MetricsLogger | None  # rank 0's
     learner: RewardModelLearner | None  # iterative RL: the reward model that keeps training
+    episodes: EpisodeRunner | None = None  # multi-turn rollouts with tools or an environment
 
 
 def check_inputs(cfg: GRPOConfig, world_size: int) -> None:
@@ -498,7 +538,8 @@ def start_run(cfg: GRPOConfig, reward_funcs=None) -> tuple[Run, dict]:
     # the model's size on top, and is 10x slower on CPU: measured on a 180M-parameter model, 1.3 s vs 0.12 s)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay, fused=True)  # LoRA: the adapters alone
-    sampler = make_sampler(cfg, tokenizer)
+    episodes = EpisodeRunner(cfg, tokenizer, tokenizer.eos_token_id) if tools_enabled(cfg.tools) else None
+    sampler = make_sampler(cfg, tokenizer, episodes)
     learner = make_learner(cfg, funcs, weights, reward_names)
     state = {"step": 0, "bad_steps": 0, "history": []}
     if checkpoint is not None:
@@ -513,7 +554,8 @@ def start_run(cfg: GRPOConfig, reward_funcs=None) -> tuple[Run, dict]:
               if rank == 0 else None)
     loss_config = cfg.loss.to_kernel(cfg.generation.temperature, cfg.generation.max_completion_length)
     return Run(cfg, run_dir, tokenizer, model, ref_model, optimizer, sampler, generator, funcs, weights,
-               reward_names, dynamic_sampling_column(cfg, reward_names), loss_config, logger, learner), state
+               reward_names, dynamic_sampling_column(cfg, reward_names), loss_config, logger, learner,
+               episodes), state
 
 
 def grpo_step(run: Run, step: int) -> dict:
@@ -523,7 +565,7 @@ def grpo_step(run: Run, step: int) -> dict:
     with timer("generation"):
         run.generator.wake()
         rollout = collect_rollout(run.generator, run.sampler, run.tokenizer, run.funcs, run.weights, cfg, step,
-                                  run.judge)
+                                  run.judge, run.episodes)
         run.generator.sleep()
     advantages = rollout_advantages(rollout, cfg)
     lr = learning_rate(cfg.train, step)
@@ -536,7 +578,7 @@ def grpo_step(run: Run, step: int) -> dict:
     if run.learner is not None:
         with timer("reward_model"):
             loss_metrics.update(learn_from_rollout(run.learner, cfg, run.tokenizer, rollout, step))
-    completion_tokens = sum(len(c) for c in rollout.completion_ids)
+    completion_tokens = sum(map(sum, rollout.loss_mask)) if rollout.loss_mask else sum(map(len, rollout.completion_ids))
     return {**rollout_metrics(rollout, advantages, run.reward_names, G), **loss_metrics, **timer.as_dict(),
             "tokens_per_s": completion_tokens / max(sum(timer.as_dict().values()), 1e-9),
             "peak_memory_mib": peak_memory_mib(), "data/skipped_long_prompts": run.sampler.skipped_long, "lr": lr}
@@ -587,13 +629,16 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(help_text(__doc__, GRPOConfig))
         return
+    from .runs import training_summary
+
     cfg = load_cli_config(GRPOConfig, argv)
     t0 = time.time()
     history = train(cfg)
-    if history:
-        last = history[-1]
-        print(f"done in {time.time() - t0:.0f} s: reward {last['reward/mean']:.3f}, "
-              f"completion length {last['completion/length_mean']:.1f}")
+    rank, world_size = world()
+    if rank == 0:
+        keys = ["reward/*", "completion/length_mean", "loss/kl", "tokens_per_s"]
+        print(training_summary("grpo", "fastgrpo.grpo", cfg.log.run_dir, history, keys, time.time() - t0,
+                               world_size, eval_args=[f"data.source={cfg.data.source}"]), flush=True)
     end_worker()
 
 

@@ -11,6 +11,9 @@
     logger.close()
     plot_metrics(run_dir, ["reward/mean", "kl"], run_dir / "curves.png")
 
+    with outputs_progress({"sft": run_dir / "sft/DONE.json", ...}, "pipeline"):   # files other processes write
+        ...
+
 metrics.jsonl holds one JSON object per logged step: {"step": 3, "wall_time": <unix seconds>, "kl": 0.01, ...}.
 A run resumed from an earlier checkpoint appends steps it already logged; read_metrics keeps the later copy.
 """
@@ -19,13 +22,16 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import threading
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib import DummyTqdmFile
 
 from .runs import lock_run_dir
 
@@ -143,6 +149,43 @@ class Timer:
     def as_dict(self) -> dict[str, float]:
         """{"time/<phase>": seconds}, in the order the phases first ran."""
         return {f"time/{phase}": seconds for phase, seconds in self._totals.items()}
+
+
+@contextmanager
+def outputs_progress(outputs: dict, desc: str, poll_s: float = 1.0):
+    """A progress bar, with ETA, over named files that other processes write as they finish (the pipeline's stage
+    records): it counts those that exist, checked every `poll_s` seconds in a thread, and shows the first name still
+    missing. Off when stderr is no terminal (tqdm's disable=None); while it is on, this process's prints go through
+    tqdm.write so that they appear above it instead of on its line."""
+    paths = {name: Path(path) for name, path in outputs.items()}
+
+    def count() -> tuple[int, str]:
+        missing = [name for name, path in paths.items() if not path.exists()]
+        return len(paths) - len(missing), missing[0] if missing else ""
+
+    done, current = count()
+    bar = tqdm(total=len(paths), initial=done, desc=desc, unit="stage", disable=None, postfix=current)
+    if bar.disable:
+        yield
+        return
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(poll_s):
+            n, name = count()
+            bar.update(n - bar.n)
+            bar.set_postfix_str(name)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        with redirect_stdout(DummyTqdmFile(sys.stdout)):
+            yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.update(count()[0] - bar.n)
+        bar.close()
 
 
 def plot_metrics(run_dir, keys: list[str] | None = None, out=None) -> Path:

@@ -368,7 +368,14 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(help_text(__doc__, PipelineConfig))
         return
-    run(load_cli_config(PipelineConfig, argv))
+    from .metrics import outputs_progress
+    from .runs import pipeline_summary
+
+    cfg = load_cli_config(PipelineConfig, argv)
+    t0 = time.time()
+    with outputs_progress({s: stage_dir(cfg, s) / "DONE.json" for s in STAGES if s in cfg.stages}, "pipeline"):
+        run(cfg)
+    print(pipeline_summary(cfg, time.time() - t0), flush=True)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from .data import builtin_dataset, check_prompts, decode, encode_prompt, load_fi
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .models import load_model
 from .precision import autocast
-from .runs import check_model_path, command_line, lock_run_dir
+from .runs import check_model_path, command_line, lock_run_dir, model_summary
 from .steps import find_steps, split_steps
 
 # rewards.py imports this module (its "process_reward_model" built-in), so what comes from rewards (and from
@@ -192,7 +192,7 @@ def policy_rows(generator, tokenizer, cfg: PRMDataConfig, split: str) -> list[di
     ds = builtin_dataset(STEP_SOURCES[cfg.source.removeprefix("builtin:")], n, cfg.seed + 1, split)
     sampling = SamplingConfig(n=cfg.samples_per_prompt, temperature=cfg.temperature,
                               max_tokens=cfg.max_completion_length, seed=cfg.seed)
-    groups = sample(generator, tokenizer, ds["prompt"], sampling)
+    groups = sample(generator, tokenizer, ds["prompt"], sampling, desc=f"policy samples ({split})")
     prompts = [p for p, group in zip(ds["prompt"], groups) for _ in group]
     answers = [a for a, group in zip(ds["answer"], groups) for _ in group]
     if cfg.labels == "rollouts":
@@ -507,10 +507,13 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(help_text(__doc__, PRMConfig))
         return
-    result = train(load_cli_config(PRMConfig, argv))
-    print(f"held-out step accuracy {result['accuracy']:.3f} (always the commoner label: "
-          f"{result['majority_accuracy']:.3f}), AUC {result['auc']:.3f} (from step positions alone: "
-          f"{result['position_prior_auc']:.3f}; {result['steps']} steps of {result['chains']} chains)")
+    cfg = load_cli_config(PRMConfig, argv)
+    result = train(cfg)
+    print(model_summary("prm", cfg.log.run_dir, result,
+                        {"accuracy": "held-out step accuracy", "majority_accuracy": "always the commoner label",
+                         "auc": "AUC", "position_prior_auc": "AUC from step positions alone",
+                         "steps": "held-out steps", "chains": "held-out chains"},
+                        use_as="rewards.process_reward_model"), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from .data import as_messages, load_general, load_prompts
 from .evaluate import sample
 from .generation import SamplingConfig, VLLMGenerator
 from .rewards import build_rewards
-from .runs import check_model_path, command_line, write_atomic
+from .runs import check_model_path, command_line, dataset_summary, write_atomic
 
 
 @dataclass
@@ -88,7 +88,7 @@ def accepted_samples(generator, tokenizer, cfg: RejectionConfig) -> tuple[list[d
     sampling = SamplingConfig(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_tokens=cfg.max_completion_length, seed=cfg.seed)
     prompts = ds[cfg.data.prompt_column]
-    groups = sample(generator, tokenizer, prompts, sampling)
+    groups = sample(generator, tokenizer, prompts, sampling, desc="rejection sampling")
     accuracy, fmt, language_consistency = build_rewards(VERIFIERS)[0]
     rows, counts = [], Counter()
     for prompt, answer, group in zip(prompts, ds[cfg.data.answer_column], groups):
@@ -173,8 +173,8 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(help_text(__doc__, RejectionConfig))
         return
-    summary = run(load_cli_config(RejectionConfig, argv))
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+    cfg = load_cli_config(RejectionConfig, argv)
+    print(dataset_summary(run(cfg), cfg), flush=True)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .models import load_model
 from .precision import autocast
 from .rewards import render_conversation
-from .runs import check_model_path, command_line, lock_run_dir
+from .runs import check_model_path, command_line, lock_run_dir, model_summary
 
 @dataclass
 class RewardDataConfig:
@@ -209,9 +209,11 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(help_text(__doc__, RewardModelConfig))
         return
-    result = train(load_cli_config(RewardModelConfig, argv))
-    print(f"held-out pairwise accuracy {result['accuracy']:.3f}, mean margin {result['margin']:.3f} "
-          f"({result['pairs']} pairs)")
+    cfg = load_cli_config(RewardModelConfig, argv)
+    result = train(cfg)
+    print(model_summary("reward_model", cfg.log.run_dir, result,
+                        {"accuracy": "held-out pairwise accuracy", "margin": "held-out mean margin",
+                         "pairs": "held-out pairs"}, use_as="rewards.reward_model"), flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ processes that die with their parent, and bad input reported in one line.
     read_record(path, then)               # a JSON record; None, with a warning, when missing, empty or corrupt
     check_model_path(path, "model.path")  # a local path that does not exist fails now, not after the hub's retries
     proc = start_child(command, ...)      # dies when this process dies, however it dies; stop_child(proc) to stop
+    print(training_summary("grpo", "fastgrpo.grpo", run_dir, history, ["reward/mean"], seconds))  # a run's last screen
 
     if __name__ == "__main__":
         command_line(main)                # bad input: `error: <one line>` on stderr, exit 2; FASTGRPO_DEBUG=1 re-raises
@@ -15,8 +16,11 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import fnmatch
 import json
+import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -178,6 +182,131 @@ def _exec_dying_with(parent: int, command: list[str]) -> None:
         os.execvp(command[0], command)
     except OSError as e:  # e.g. a launcher that is not installed
         sys.exit(f"error: cannot run {command[0]}: {e.strerror}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The end of a run: one screen saying where its output is, what its metrics did, and what to run next
+
+
+def shell_command(module: str, *args, world_size: int = 1) -> str:
+    """The shell line that runs `python -m module args...` (under torchrun on one node for several ranks), quoted
+    so that it can be pasted as it is."""
+    launcher = ["python"] if world_size == 1 else ["torchrun", "--nproc-per-node", str(world_size)]
+    return shlex.join([*launcher, "-m", module, *map(str, args)])
+
+
+def trend(history: list[dict], patterns) -> dict[str, str]:
+    """{key: "first -> last"} for each logged key that matches one of `patterns` (fnmatch: "reward/*"), in the
+    patterns' order: the mean over its first and over its last logged tenth of steps (at least one step, at most
+    ten), since one RL step's reward is noise."""
+    logged = list(dict.fromkeys(k for row in history for k in row))
+    keys = dict.fromkeys(k for pattern in patterns for k in fnmatch.filter(logged, pattern))
+    out = {}
+    for key in keys:
+        values = [row[key] for row in history if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
+        if values:
+            n = min(10, max(1, len(values) // 10))
+            out[key] = f"{_short(sum(values[:n]) / n)} -> {_short(sum(values[-n:]) / n)}"
+    return out
+
+
+def summary(title: str, outputs: dict, metrics: dict, commands: dict) -> str:
+    """The screen a run's main() prints last: the title, then its outputs (name: path), metrics (name: value or
+    "first -> last") and the commands to run next (what: command line), each section aligned."""
+    lines = [f"== {title} =="]
+    for heading, section in (("output", outputs), ("metrics", metrics), ("next", commands)):
+        if section:
+            width = max(map(len, section))
+            lines.append(f"{heading}:")
+            lines += [f"  {name.ljust(width)}  {value}" for name, value in section.items()]
+    return "\n".join(lines)
+
+
+def training_summary(name: str, module: str, run_dir, history: list[dict], keys, seconds: float,
+                     world_size: int = 1, eval_args: tuple = ()) -> str:
+    """summary() of a trainer whose run dir holds checkpoints/ and config.yaml (fastgrpo.grpo, fastgrpo.sft): its
+    latest checkpoint, the trend of `keys`, the command that trains it further (the same run dir resumes from the
+    checkpoint) and the one that evaluates the checkpoint."""
+    from .checkpoint import latest_checkpoint
+
+    run_dir = Path(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    steps = history[-1]["step"] + 1 if history else 0
+    outputs = {"checkpoint": checkpoint or "none saved", "run dir": f"{run_dir} (config.yaml, metrics.jsonl)"}
+    commands = {}
+    if checkpoint is not None:
+        commands["train further"] = shell_command(module, run_dir / "config.yaml", f"train.steps={2 * max(steps, 1)}",
+                                                  world_size=world_size)
+        commands["evaluate"] = shell_command("fastgrpo.evaluate", checkpoint, *eval_args)
+    commands["plot"] = shlex.join(["python", "scripts/plot_run.py", str(run_dir)])
+    title = f"{name}: {steps} steps, {seconds:.0f} s in this process"
+    return summary(title, outputs, trend(history, keys), commands)
+
+
+def model_summary(name: str, run_dir, result: dict, labels: dict, use_as: str) -> str:
+    """summary() of a scorer's run (fastgrpo.reward_model, fastgrpo.prm): its final model and held-out eval,
+    `labels` naming which of `result`'s values to show, the trend of its training loss and accuracy, and the
+    override that makes a GRPO run score with it."""
+    from .metrics import METRICS_FILE, read_metrics
+
+    run_dir = Path(run_dir)
+    history = read_metrics(run_dir) if (run_dir / METRICS_FILE).is_file() else []
+    outputs = {"model": run_dir / "final", "held-out eval": run_dir / "eval.json"}
+    metrics = {label: _short(result[key]) for key, label in labels.items() if key in result}
+    metrics.update({f"train {k}": v for k, v in trend(history, ["loss", "accuracy"]).items()})
+    commands = {"score a GRPO run with it": f"add {use_as}={shlex.quote(str(run_dir / 'final'))} to its command line",
+                "its config": run_dir / "config.yaml"}
+    steps = history[-1]["step"] + 1 if history else 0
+    return summary(f"{name}: {steps} steps", outputs, metrics, commands)
+
+
+def evaluation_summary(results: dict, argv: list[str], out: str | None) -> str:
+    """summary() of fastgrpo.evaluate: every score, where they were written, and the command that repeats it."""
+    scores = {k: _short(v) for k, v in results.items() if isinstance(v, (int, float))}
+    outputs = {"results": out} if out else {}
+    return summary(f"evaluate: {results['model']}", outputs, scores,
+                   {"repeat": shell_command("fastgrpo.evaluate", *argv)})
+
+
+def dataset_summary(result: dict, cfg) -> str:
+    """summary() of fastgrpo.rejection: the dataset, what was kept of what was sampled, the SFT command on it."""
+    out = Path(cfg.out)
+    counts = result.get("counts", {})
+    metrics = {"rows": f"{result['rows']} ({result['reasoning_rows']} sampled, {result['general_rows']} general)",
+               "prompts with a kept sample": result["prompts"],
+               **{f"samples {reason}": n for reason, n in counts.items()}}
+    commands = {"SFT on it": shell_command("fastgrpo.sft", f"model.path={cfg.model}", f"data.source={out}",
+                                           f"log.run_dir={out.parent / 'sft'}")}
+    return summary("rejection sampling", {"dataset": out, "summary": out.with_suffix(".summary.json")}, metrics,
+                   commands)
+
+
+def pipeline_summary(cfg, seconds: float) -> str:
+    """summary() of a finished fastgrpo.pipeline run: RESULTS.md, the last policy stage's model, held-out pass@1
+    and helpfulness from the base model to that stage, and the commands that rerun the pipeline (finished stages
+    are skipped), rerun one stage alone and evaluate the model."""
+    from .pipeline import MODULES, POLICY_STAGES, STAGES, finished, stage_dir
+
+    run_dir = Path(cfg.run_dir)
+    done = [s for s in STAGES if s in cfg.stages and finished(cfg, s)]
+    last = next((s for s in reversed(POLICY_STAGES) if s in done), None)
+    outputs = {"results": run_dir / "RESULTS.md", "plots": run_dir / "plots"}
+    if last:
+        outputs["model"] = f"{finished(cfg, last)['output']} ({last})"
+    evals = [read_record(run_dir / "eval" / f"{s}.json", then="left out of the summary") for s in ["base", last]]
+    metrics = {key: f"{_short(evals[0][key])} -> {_short(evals[1][key])} (base -> {last})"
+               for key in ("pass@1", "helpfulness") if last and all(e and key in e for e in evals)}
+    commands = {"rerun (skips finished stages)": shell_command("fastgrpo.pipeline", run_dir / "pipeline.yaml")}
+    if done:
+        commands[f"{done[-1]} alone"] = shell_command(MODULES[done[-1]], stage_dir(cfg, done[-1]) / "stage.yaml")
+    if last:
+        commands["evaluate the model"] = shell_command("fastgrpo.evaluate", finished(cfg, last)["output"])
+    title = f"pipeline: {len(done)} of {len(cfg.stages)} stages done, {seconds / 60:.1f} min in this process"
+    return summary(title, outputs, metrics, commands)
+
+
+def _short(x: float) -> str:
+    return f"{x:.0f}" if abs(x) >= 1000 else f"{x:.4g}"
 
 
 # ----------------------------------------------------------------------------------------------------------

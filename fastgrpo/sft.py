@@ -11,6 +11,7 @@ on several ranks (FSDP2: each rank takes its share of the step's micro-batches, 
 
 from __future__ import annotations
 
+import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from fastgrpo_kernels import fused_linear_cross_entropy
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LogConfig, ModelConfig, load_cli_config, write_run_config
 from .config_doc import help_text
-from .data import builtin_dataset, check_prompts, encode_prompt, load_file
+from .data import as_messages, builtin_dataset, check_prompts, encode_prompt, load_file
 from .distributed import all_reduce_sum, clip_grad_norm_, end_worker, init_distributed, world
 from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .models import load_model
@@ -75,30 +76,87 @@ def cot_completion(example: dict, eos: str) -> str:
     return f"<think>{example['cot']}</think>Answer: {example['answer']}{eos}"
 
 
+# SFT source -> the built-in task whose train prompts it demonstrates the calculator tool on
+TOOL_DEMOS = {"builtin:multiply_tools": "multiply"}
+TOOL_PROMPT_SHARE = 0.5  # of the demonstrations, those whose prompt describes the tool (GRPO without it has none)
+TOOL_CALL_SHARE = 0.5  # of those, the ones that call it: RL decides whether calling pays, so SFT leaves both open
+
+
+def tool_episode(tokenizer, example: dict, tools: list[dict] | None, call: bool) -> tuple[list[int], int]:
+    """(token ids, prompt length) of one episode as a multi-turn rollout produces it: the prompt (with `tools`
+    described), then, if `call`, a calculator call on the problem and its result as the chat template renders a
+    tool message, then the final turn "Answer: N</s>". The whole conversation is rendered at once, so the ids are
+    the rollout's (prompt, sampled turns and observations appended) only if the template is prefix-consistent."""
+    turns = []
+    if call:
+        arguments = {"expression": example["prompt"].removesuffix("=")}
+        turns += [{"role": "assistant", "content": "",
+                   "tool_calls": [{"type": "function", "function": {"name": "calculator", "arguments": arguments}}]},
+                  {"role": "tool", "content": example["answer"]}]
+    messages = as_messages(example["prompt"]) + turns + [{"role": "assistant", "content": f"Answer: {example['answer']}"}]
+    prompt_ids = encode_prompt(tokenizer, example["prompt"], tools)
+    ids = list(tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True)["input_ids"])
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError("the tokenizer's chat template renders a prompt differently inside a longer conversation: "
+                         "multi-turn episodes need a prefix-consistent template")
+    return ids, len(prompt_ids)
+
+
+def tool_demonstrations(cfg: SFTDataConfig, tokenizer) -> list[tuple[list[int], int]]:
+    """(ids, prompt length) of cfg.num_examples episodes on TOOL_DEMOS[cfg.source]'s train prompts: a
+    TOOL_PROMPT_SHARE of the prompts describe the calculator, and a TOOL_CALL_SHARE of those call it; every other
+    episode answers directly."""
+    from transformers.utils import get_json_schema
+
+    from .tools import calculator
+
+    tools = [get_json_schema(calculator)]
+    rng = random.Random(f"{cfg.source}:{cfg.seed}")
+    episodes = []
+    for ex in builtin_dataset(TOOL_DEMOS[cfg.source], cfg.num_examples, cfg.seed, "train"):
+        described = rng.random() < TOOL_PROMPT_SHARE
+        episodes.append(tool_episode(tokenizer, ex, tools if described else None,
+                                     described and rng.random() < TOOL_CALL_SHARE))
+    return episodes
+
+
 def load_examples(cfg: SFTDataConfig, tokenizer) -> tuple[list[list[int]], list[int], int]:
-    """(token ids of prompt + completion, prompt lengths, examples skipped as too long)."""
-    if cfg.source.startswith("builtin:"):
-        ds = builtin_dataset(cfg.source.removeprefix("builtin:"), cfg.num_examples, cfg.seed, "train")
-        pairs = [(ex["prompt"], cot_completion(ex, tokenizer.eos_token)) for ex in ds]
+    """(token ids of prompt + completion, prompt lengths, examples skipped as too long).
+
+    Tool demonstrations (TOOL_DEMOS) train on the tool's observations too: they are the problem's answer in a
+    fixed frame, which the model is taught to write in any case."""
+    if cfg.source in TOOL_DEMOS:
+        encoded = tool_demonstrations(cfg, tokenizer)
     else:
-        ds = load_file(cfg.source)
-        for column in (cfg.prompt_column, cfg.completion_column):
-            if column not in ds.column_names:
-                raise ValueError(f"dataset {cfg.source!r} has no column {column!r} (columns: {', '.join(ds.column_names)})")
-        check_prompts(ds, cfg.source, cfg.prompt_column)
-        pairs = list(zip(ds[cfg.prompt_column], ds[cfg.completion_column]))
+        encoded = [_encode(tokenizer, prompt, completion) for prompt, completion in _text_pairs(cfg, tokenizer)]
     sequences, prompt_lengths, skipped = [], [], 0
-    for prompt, completion in pairs:
-        prompt_ids = encode_prompt(tokenizer, prompt)
-        ids = prompt_ids + tokenizer(completion, add_special_tokens=False)["input_ids"]
+    for ids, prompt_length in encoded:
         if len(ids) > cfg.max_length:
             skipped += 1
             continue
         sequences.append(ids)
-        prompt_lengths.append(len(prompt_ids))
+        prompt_lengths.append(prompt_length)
     if not sequences:
         raise ValueError(f"no example of {cfg.source!r} fits data.max_length={cfg.max_length}")
     return sequences, prompt_lengths, skipped
+
+
+def _text_pairs(cfg: SFTDataConfig, tokenizer) -> list[tuple]:
+    """(prompt, completion text) of every example of cfg.source: a built-in task's train split, or a file's rows."""
+    if cfg.source.startswith("builtin:"):
+        ds = builtin_dataset(cfg.source.removeprefix("builtin:"), cfg.num_examples, cfg.seed, "train")
+        return [(ex["prompt"], cot_completion(ex, tokenizer.eos_token)) for ex in ds]
+    ds = load_file(cfg.source)
+    for column in (cfg.prompt_column, cfg.completion_column):
+        if column not in ds.column_names:
+            raise ValueError(f"dataset {cfg.source!r} has no column {column!r} (columns: {', '.join(ds.column_names)})")
+    check_prompts(ds, cfg.source, cfg.prompt_column)
+    return list(zip(ds[cfg.prompt_column], ds[cfg.completion_column]))
+
+
+def _encode(tokenizer, prompt, completion: str) -> tuple[list[int], int]:
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    return prompt_ids + tokenizer(completion, add_special_tokens=False)["input_ids"], len(prompt_ids)
 
 
 def sft_step(model, optimizer, sequences, prompt_lengths, indices, cfg: SFTConfig) -> dict:
@@ -193,9 +251,17 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(help_text(__doc__, SFTConfig))
         return
-    history = train(load_cli_config(SFTConfig, argv))
-    if history:
-        print(f"done: loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}")
+    import time
+
+    from .runs import training_summary
+
+    cfg = load_cli_config(SFTConfig, argv)
+    t0 = time.time()
+    history = train(cfg)
+    rank, world_size = world()
+    if rank == 0:
+        print(training_summary("sft", "fastgrpo.sft", cfg.log.run_dir, history, ["loss", "grad_norm"],
+                               time.time() - t0, world_size), flush=True)
     end_worker()
 
 
