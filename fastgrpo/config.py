@@ -199,6 +199,20 @@ class TrainConfig:
 
 
 @dataclass
+class ToolsConfig:
+    """Multi-turn rollouts (fastgrpo/episodes.py): functions the model may call, or an environment; off with neither."""
+
+    # built-in tools (calculator, python: the code reward's sandbox) or module:function, TRL-style tool functions
+    funcs: list[str] = field(default_factory=list)
+    # module:factory, called once per episode: a TRL environment_factory (reset, tool methods, get_reward) or a
+    # fastgrpo.tools.Environment; funcs are added to its tools
+    environment: str | None = None
+    max_turns: int = 4  # the model's turns per episode; generation.max_completion_length bounds its tokens after the prompt
+    timeout_s: float = 10.0  # per tool call, and per environment step
+    max_concurrency: int = 16  # tool calls (environment steps) running at once
+
+
+@dataclass
 class LogConfig:
     run_dir: str = "runs/grpo"
     save_every: int = 50
@@ -214,6 +228,7 @@ class GRPOConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -242,6 +257,10 @@ def _check_choices(cfg) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {allowed}")
     if OmegaConf.select(cfg, "model.param_dtype", default=None) is not None:
         check_precision(cfg.model)
+    quantize = OmegaConf.select(cfg, "model.lora.quantize", default=None)
+    if quantize is not None and OmegaConf.select(cfg, "generation.backend", default=None) == "vllm":
+        raise ConfigError(f"model.lora.quantize={quantize} needs generation.backend=hf: vLLM can neither share nor "
+                          f"load bitsandbytes' 4-bit base")
     if OmegaConf.select(cfg, "loss.loss_type", default=None) == "cispo" and cfg.loss.eps_high < 1:
         raise ConfigError(f"loss.eps_high={cfg.loss.eps_high} is cispo's cap on the ratio itself: below 1 it caps "
                           f"every token's weight; set it >= 1 (ScaleRL uses 5.0)")

@@ -12,7 +12,7 @@ top-p when those are on.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -109,17 +109,26 @@ class VLLMGenerator:
         self.weights.wake()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        seeds = [None if sampling.seed is None else sampling.seed + i * sampling.n for i in range(len(prompts))]
+        return self._generate(prompts, sampling, seeds, [sampling.max_tokens] * len(prompts))
+
+    def generate_each(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int],
+                      max_tokens: list[int]) -> list[Completion]:
+        """One completion per prompt, prompt i sampled with seed seeds[i] and at most max_tokens[i] tokens (the turns
+        of multi-turn episodes: each continues its own token ids; sampling.n and .seed are not used)."""
+        return [out[0] for out in self._generate(prompts, replace(sampling, n=1), seeds, max_tokens)]
+
+    def _generate(self, prompts, sampling: SamplingConfig, seeds: list, max_tokens: list[int]) -> list[list[Completion]]:
         from vllm import SamplingParams, TokensPrompt
 
         self.weights.ready()  # asleep on CPU (no wake since): the packed copies are rebuilt first
         params = [
             SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                           top_k=sampling.top_k or -1, max_tokens=sampling.max_tokens,
+                           top_k=sampling.top_k or -1, max_tokens=budget,
                            stop_token_ids=list(sampling.stop_token_ids), logprobs=0,
                            detokenize=False,  # callers decode the token ids themselves; vLLM's text goes unused
-                           min_tokens=sampling.max_tokens if sampling.ignore_eos else 0,
-                           seed=None if sampling.seed is None else sampling.seed + i * sampling.n)
-            for i in range(len(prompts))
+                           min_tokens=budget if sampling.ignore_eos else 0, seed=seed)
+            for seed, budget in zip(seeds, max_tokens)
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         return [
@@ -178,19 +187,18 @@ class _SeededSampler:
         return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
 
 
-def _processors(sampling: SamplingConfig, recorder: _SampledLogprobs, rows: int, device) -> LogitsProcessorList:
+def _processors(sampling: SamplingConfig, recorder: _SampledLogprobs, seeds: list[int], device) -> LogitsProcessorList:
     """The sampling transforms, then the recorder (so that it sees the scores each token is drawn from), then, unless
     greedy, the seeded draw. transformers' own sampling stays off: it would warp after the recorder, and it draws
     from one generator for the whole batch."""
     if sampling.temperature == 0:
         return LogitsProcessorList([recorder])
-    seed = int(torch.randint(2**62, ())) if sampling.seed is None else sampling.seed
     return LogitsProcessorList([
         TemperatureLogitsWarper(sampling.temperature),
         *([TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []),
         *([TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1.0 else []),
         recorder,
-        _SeededSampler([seed + row for row in range(rows)], sampling.max_tokens, device),
+        _SeededSampler(seeds, sampling.max_tokens, device),
     ])
 
 
@@ -217,15 +225,32 @@ class HFGenerator:
     def wake(self):
         pass
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
-        # inference_mode where it is safe: no version counters or view tracking on the decode loop's small ops (8%
-        # of a tiny model's rollout, measured against no_grad); what leaves is Python lists. Not on FSDP shards:
-        # the gathered weights would be inference tensors that the next training step cannot update.
+    def _no_grad(self):
+        """inference_mode where it is safe: no version counters or view tracking on the decode loop's small ops (8%
+        of a tiny model's rollout, measured against no_grad); what leaves is Python lists. Not on FSDP shards: the
+        gathered weights would be inference tensors that the next training step cannot update."""
         sharded = any(isinstance(p, DTensor) for p in self.model.parameters())
-        with torch.no_grad() if sharded else torch.inference_mode():
-            return self._generate(prompts, sampling)
+        return torch.no_grad() if sharded else torch.inference_mode()
 
-    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        seed = int(torch.randint(2**62, ())) if sampling.seed is None else sampling.seed
+        with self._no_grad():
+            return self._generate(prompts, sampling, [seed + row for row in range(len(prompts) * sampling.n)])
+
+    def generate_each(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int],
+                      max_tokens: list[int]) -> list[Completion]:
+        """As VLLMGenerator.generate_each. Rows sample up to the largest budget together and each is cut at its own:
+        a row's tokens depend on its seed alone, so the cut row is what a run to its budget samples."""
+        with self._no_grad():
+            outputs = self._generate(prompts, replace(sampling, n=1, max_tokens=max(max_tokens)), seeds)
+        completions = []
+        for (c,), budget in zip(outputs, max_tokens):
+            if len(c.token_ids) > budget:
+                c = Completion(c.token_ids[:budget], c.logprobs[:budget], "length", c.prompt_index)
+            completions.append(c)
+        return completions
+
+    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[list[Completion]]:
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
@@ -235,7 +260,7 @@ class HFGenerator:
             attention[i, width - len(p):] = 1
         stops = [self.eos_token_id, *sampling.stop_token_ids]
         recorder = _SampledLogprobs()
-        processors = _processors(sampling, recorder, len(prompts) * sampling.n, device)
+        processors = _processors(sampling, recorder, seeds, device)
         config = GenerationConfig(do_sample=False, max_new_tokens=sampling.max_tokens, eos_token_id=stops,
                                   pad_token_id=self.pad_token_id,
                                   min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None)

@@ -578,7 +578,8 @@ def grpo_step(run: Run, step: int) -> dict:
     if run.learner is not None:
         with timer("reward_model"):
             loss_metrics.update(learn_from_rollout(run.learner, cfg, run.tokenizer, rollout, step))
-    completion_tokens = sum(map(sum, rollout.loss_mask)) if rollout.loss_mask else sum(map(len, rollout.completion_ids))
+    # multi-turn: the sampled tokens, not the observations
+    completion_tokens = sum(map(sum, rollout.loss_mask or [[1] * len(c) for c in rollout.completion_ids]))
     return {**rollout_metrics(rollout, advantages, run.reward_names, G), **loss_metrics, **timer.as_dict(),
             "tokens_per_s": completion_tokens / max(sum(timer.as_dict().values()), 1e-9),
             "peak_memory_mib": peak_memory_mib(), "data/skipped_long_prompts": run.sampler.skipped_long, "lr": lr}

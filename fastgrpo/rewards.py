@@ -21,6 +21,7 @@ Built-ins, and the names `resolve_reward` knows them by (a name that is a class 
     "reward_model"          RewardModelReward             a sequence-classification checkpoint's score
     "process_reward_model"  prm.ProcessRewardModelReward  a process reward model's score of each step (process)
     "code"                  sandbox.CodeReward            the final Python block run against `tests` (sandboxed)
+    "environment"           environment_reward            what a multi-turn episode's environment scored it (tools)
 
 `build_rewards` turns a RewardConfig into (functions, weights): the one factory GRPO, evaluation and rejection
 sampling use.
@@ -534,6 +535,16 @@ class RewardModelReward:
         return scores
 
 
+def environment_reward(prompts, completions, environment_reward=None, **kwargs):
+    """The reward a multi-turn episode's environment gave it (fastgrpo/tools.py: Step.reward, or a TRL environment's
+    get_reward()); None where it gave none or the run has no environment.
+
+    >>> environment_reward(["q", "q"], ["a", "b"], environment_reward=[1.0, None])
+    [1.0, None]
+    """
+    return list(environment_reward) if environment_reward is not None else [None] * len(completions)
+
+
 # ---------------------------------------------------------------------------------------------- names
 
 BUILTINS = {
@@ -545,6 +556,7 @@ BUILTINS = {
     "reward_model": RewardModelReward,
     "process_reward_model": ProcessRewardModelReward,
     "code": CodeReward,
+    "environment": environment_reward,
 }
 
 

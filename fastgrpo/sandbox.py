@@ -69,6 +69,15 @@ class Result:
         return float(all(self.passed)) if scoring == "all" else sum(self.passed) / len(self.passed)
 
 
+@dataclass
+class Output:
+    """What a program run alone (Sandbox.execute) printed, and its status (as Result's)."""
+
+    stdout: str
+    stderr: str
+    status: str
+
+
 def kind_of(tests: list) -> str:
     """"assert" for a list of statements, "stdio" for a list of (stdin, stdout) pairs; else a ValueError."""
     if all(isinstance(t, str) for t in tests):
@@ -127,19 +136,27 @@ class Sandbox:
         """One Result per program, in order; each within the config's timeout (plus its cleanup)."""
         return list(self._executor.map(self._run_one, programs))
 
+    def execute(self, code: str) -> Output:
+        """Run a program once (no tests, stdin empty) under the same isolation and limits: what it printed (the
+        Python tool of multi-turn rollouts)."""
+        answer = self._ask({"code": code, "tests": [], "kind": "run", "nonce": secrets.token_hex(8)})
+        return Output(answer.get("stdout", ""), answer.get("stderr", ""), answer["status"])
+
     def _run_one(self, program: Program) -> Result:
         if not program.tests:
             return Result([], "no tests")
-        job = {"code": program.code, "tests": program.tests, "kind": kind_of(program.tests),
-               "nonce": secrets.token_hex(8)}
+        answer = self._ask({"code": program.code, "tests": program.tests, "kind": kind_of(program.tests),
+                            "nonce": secrets.token_hex(8)})
+        return Result([bool(p) for p in answer["passed"]] or [False] * len(program.tests), answer["status"])
+
+    def _ask(self, job: dict) -> dict:
         worker = self._idle.get()
         try:
-            answer = worker.ask(job, self.cfg.timeout_s + ANSWER_GRACE_S)
-            return Result([bool(p) for p in answer["passed"]], answer["status"])
+            return worker.ask(job, self.cfg.timeout_s + ANSWER_GRACE_S)
         except _WorkerLost:
             self._retire(worker)
             worker = self._start()
-            return Result([False] * len(program.tests), "worker lost")
+            return {"passed": [], "status": "worker lost"}
         finally:
             self._idle.put(worker)
 

@@ -6,6 +6,7 @@ one JSON line on its stdout:
 
     {"code": str, "tests": [str], "kind": "assert"}                       -> {"passed": [bool], "status": str}
     {"code": str, "tests": [[stdin, stdout]], "kind": "stdio"}
+    {"code": str, "tests": [], "kind": "run"}              -> {"passed": [], "status": str, "stdout": str, "stderr": str}
 
 Each job gets a fresh directory (its only writable place) and forked children, so no interpreter starts per
 program: the "assert" kind runs the program once, then each test statement in its namespace; "stdio" runs the
@@ -59,6 +60,8 @@ def run_job(job, jobdir, settings):
     try:
         if job["kind"] == "assert":
             return _run_asserts(job, jobdir, settings, deadline)
+        if job["kind"] == "run":
+            return _run_program(job, jobdir, settings, deadline)
         return _run_stdio(job, jobdir, settings, deadline)
     finally:
         _kill_leftovers(settings)
@@ -111,6 +114,24 @@ def _run_stdio(job, jobdir, settings, deadline):
         passed.append(case_status == "ok" and _same_output(out, expected))
         status = case_status if status == "ok" else status
     return {"passed": passed, "status": status}
+
+
+def _run_program(job, jobdir, settings, deadline):
+    """The program once, stdin empty: its status and (the heads of) what it wrote to stdout and stderr."""
+    status = _run_child(jobdir, settings, deadline, None, None, lambda report: _traced_harness(job["code"]))
+    read = lambda name: _head(os.path.join(jobdir, name), settings["max_output_bytes"]).decode(errors="replace")  # noqa: E731
+    return {"passed": [], "status": status, "stdout": read(".stdout"), "stderr": read(".stderr")}
+
+
+def _traced_harness(code):
+    try:
+        _stdio_harness(code)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc(limit=-1)  # the program's own frame: what a model can act on
+        sys.stderr.flush()
+        raise
 
 
 def _stdio_harness(code):
