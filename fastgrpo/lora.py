@@ -26,8 +26,10 @@
   (adapter_config.json, adapter_model.safetensors: `PeftModel.from_pretrained(base, step_dir)` loads it) and the
   optimizer state of the adapters; `export_merged` (or `python -m fastgrpo.lora merge CHECKPOINT OUT`) writes the
   base with the adapters merged as a Hugging Face folder that transformers and vLLM load.
-- QLoRA (model.lora.quantize=nf4) needs bitsandbytes' 4-bit layers on the training device: refused in one line
-  where they cannot run (`check_quantize`).
+- QLoRA (model.lora.quantize=nf4): the base loads as bitsandbytes' 4-bit NF4 layers (bitsandbytes 0.50.2 runs
+  them on CPU and CUDA: forward and backward through the adapters checked here on CPU), one process only (FSDP
+  cannot shard the packed weights), and with generation.backend=hf: vLLM can neither share bitsandbytes' packed
+  base nor load it through its own loader, so a vLLM run with it is refused (config.py, vllm_bridge.choose_sync).
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ import torch
 from torch import nn
 
 from .config import ConfigError, LoraConfig
+from .distributed import world
 
 ADAPTER = "default"  # peft's name for the one adapter fastgrpo trains
 
 
 def check_quantize(cfg: LoraConfig, device: torch.device) -> None:
-    """model.lora.quantize: refused in one line unless bitsandbytes can run a 4-bit base on `device`."""
+    """model.lora.quantize: refused in one line where a 4-bit base cannot train: without bitsandbytes, on a device
+    it has no 4-bit kernels for, or sharded over several ranks."""
     if cfg.quantize is None:
         return
     try:
@@ -54,9 +58,28 @@ def check_quantize(cfg: LoraConfig, device: torch.device) -> None:
     except ImportError:
         raise ConfigError(f"model.lora.quantize={cfg.quantize} needs bitsandbytes (pip install bitsandbytes), "
                           f"which is not installed") from None
-    if device.type != "cuda":
-        raise ConfigError(f"model.lora.quantize={cfg.quantize}: bitsandbytes' 4-bit layers need a CUDA device here "
-                          f"(this run is on {device.type}); train LoRA on the unquantized base instead")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"model.lora.quantize={cfg.quantize}: bitsandbytes' 4-bit layers run on cpu and cuda, "
+                          f"not {device.type}")
+    if world()[1] > 1:
+        raise ConfigError(f"model.lora.quantize={cfg.quantize} on {world()[1]} ranks: FSDP cannot shard "
+                          f"bitsandbytes' packed 4-bit weights; run QLoRA in one process")
+
+
+def quantization_kwargs(cfg, device: torch.device) -> dict:
+    """from_pretrained's arguments for a 4-bit NF4 base computing in model.dtype (cfg: ModelConfig); {} without
+    model.lora.quantize. Embeddings, norms and the LM head stay unquantized (transformers' default)."""
+    if cfg.lora is None or cfg.lora.quantize is None:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.lora.quantize,
+                                                      bnb_4bit_compute_dtype=getattr(torch, cfg.dtype)),
+            "device_map": {"": device}}
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(transformers_model(model), "is_loaded_in_4bit", False))
 
 
 def check_targets(model: nn.Module, cfg: LoraConfig) -> None:

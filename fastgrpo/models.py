@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from .config import ModelConfig
 from .distributed import shard_model, world
-from .lora import apply_lora, check_quantize
+from .lora import apply_lora, check_quantize, quantization_kwargs
 from .precision import DTYPES, weights_dtype
 
 
@@ -39,6 +39,7 @@ def load_model(cfg: ModelConfig, trainable: bool, device: torch.device, auto_cla
     param_dtype = weights_dtype(cfg, trainable)
     if trainable and cfg.lora is not None:
         check_quantize(cfg.lora, device)
+        kwargs.update(quantization_kwargs(cfg, device))  # QLoRA: the base loads in 4 bits
     if world()[1] == 1:
         return _from_pretrained(auto_class, cfg, trainable, param_dtype, **kwargs).to(device)
     model = shard_model(_from_pretrained(auto_class, cfg, trainable, "auto", **kwargs), DTYPES[cfg.dtype], param_dtype)

