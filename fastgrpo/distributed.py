@@ -94,7 +94,8 @@ def shard_model(model: torch.nn.Module, dtype: torch.dtype | None = None,
     param_dtype = param_dtype or next(model.parameters()).dtype  # what the weights are, or will be once cast
     mixed = dtype is not None and dtype != param_dtype
     mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
-    for layer in model.base_model.layers:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: the transformers one
+    for layer in inner.base_model.layers:  # a LoRA layer's base weights and adapters are sharded together
         fully_shard(layer, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
     # FSDP averages gradients over ranks (reduce-scatter with AVG). Our per-rank losses are already shares of the

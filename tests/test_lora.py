@@ -226,3 +226,23 @@ def test_qlora_trains_adapters_over_a_4bit_base(model_path, tmp_path):
     assert any(p.abs().sum() > 0 for n, p in run.model.named_parameters() if ".lora_B." in n)
     with pytest.raises(ConfigError, match="model.lora.quantize=nf4 needs generation.backend=hf"):
         grpo_cfg(model_path, tmp_path / "v", "model.lora.quantize=nf4", "generation.backend=vllm")
+
+
+def test_fsdp_one_and_two_ranks_train_the_same_adapters(tmp_path):
+    """FSDP2 shards the base and the adapters of every decoder layer: LoRA GRPO (beta > 0 through the disabled
+    adapters, gradient checkpointing, the trainer's own code around test_distributed's scripted generator) on 2
+    ranks gives the 1-rank steps and adapters, and its sharded checkpoint is an adapter in peft's format."""
+    import test_distributed as td
+    from safetensors.torch import load_file
+
+    td._skip_without_gloo()
+    model, work = build_tiny_model(tmp_path / "model", hidden=64, intermediate=128, layers=2), tmp_path / "runs"
+    one = td._run([], "train", [model, work, "grpo:a:2:model.lora.r=4"], tmp_path, "one")
+    two = td._run(td.TORCHRUN, "train", [model, work, "grpo:b:2:model.lora.r=4"], tmp_path, "two")
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    td._same_steps(two["grpo:b:2:model.lora.r=4"], one["grpo:a:2:model.lora.r=4"], td.GRPO_KEYS, "lora: 2 ranks")
+    a, b = (load_file(work / f"grpo-{run}" / "checkpoints" / "step-00000002" / "adapter_model.safetensors")
+            for run in "ab")
+    assert a.keys() == b.keys() and any(".lora_B." in k for k in a)
+    for name in a:
+        assert (a[name] - b[name]).abs().max() < 1e-4, name
