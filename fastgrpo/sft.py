@@ -212,8 +212,8 @@ def train(cfg: SFTConfig) -> list[dict]:
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(cfg.model, trainable=True, device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  fused=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                                  weight_decay=cfg.train.weight_decay, fused=True)  # model.lora: the adapters alone
     sequences, prompt_lengths, skipped = load_examples(cfg.data, tokenizer)
     start, history = 0, []
     if checkpoint is not None:
