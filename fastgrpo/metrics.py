@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from tqdm.contrib import DummyTqdmFile
 
 from .runs import lock_run_dir
 
@@ -155,8 +154,8 @@ class Timer:
 def outputs_progress(outputs: dict, desc: str, poll_s: float = 1.0):
     """A progress bar, with ETA, over named files that other processes write as they finish (the pipeline's stage
     records): it counts those that exist, checked every `poll_s` seconds in a thread, and shows the first name still
-    missing. Off when stderr is no terminal (tqdm's disable=None); while it is on, this process's prints go through
-    tqdm.write so that they appear above it instead of on its line."""
+    missing. Off when stderr is no terminal (tqdm's disable=None); while it is on, this process's printed lines
+    appear above it instead of on its line."""
     paths = {name: Path(path) for name, path in outputs.items()}
 
     def count() -> tuple[int, str]:
@@ -179,13 +178,34 @@ def outputs_progress(outputs: dict, desc: str, poll_s: float = 1.0):
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     try:
-        with redirect_stdout(DummyTqdmFile(sys.stdout)):
+        with redirect_stdout(_LinesAbove(sys.stdout, bar)):
             yield
     finally:
         stop.set()
         thread.join()
         bar.update(count()[0] - bar.n)
         bar.close()
+
+
+class _LinesAbove:
+    """A stdout that, for each whole line written, lifts `bar` off the terminal, writes the line, and draws the bar
+    again below it (tqdm.write cannot: it clears bars only when writing to sys.stdout itself, which this replaces)."""
+
+    def __init__(self, out, bar):
+        self.out, self.bar, self.pending = out, bar, ""
+
+    def write(self, text: str) -> int:
+        lines, _, self.pending = (self.pending + text).rpartition("\n")
+        if lines or _:
+            with self.bar.get_lock():
+                self.bar.clear()
+                self.out.write(lines + "\n")
+                self.out.flush()
+                self.bar.refresh()
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 def plot_metrics(run_dir, keys: list[str] | None = None, out=None) -> Path:
