@@ -1,7 +1,6 @@
 """What a run shows a user at its end (fastgrpo.runs' summaries) and while it runs (progress bars): each entry point's
 last screen names its output and a command that runs as printed; sampling in chunks for its bar keeps every sample."""
 
-import io
 import json
 import shlex
 import threading
@@ -101,14 +100,27 @@ def test_chunked_sampling_keeps_every_samples_seed(model_path, monkeypatch):
     assert len(whole) == 5 and all(len(group) == 3 for group in whole)
 
 
-class Terminal(io.StringIO):
+class Terminal:
+    """One stream of a terminal: stdout and stderr are two of them, writing to one screen, as in a process."""
+
+    def __init__(self, screen: list):
+        self.screen = screen
+
+    def write(self, text):
+        self.screen.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
     def isatty(self):
         return True
 
 
-def test_the_stage_bar_counts_the_records_other_processes_write(tmp_path, monkeypatch, capsys):
-    screen = Terminal()
-    monkeypatch.setattr("sys.stderr", screen)  # tqdm draws on stderr, when it is a terminal
+def test_the_stage_bar_counts_the_records_other_processes_write(tmp_path, monkeypatch):
+    screen = []
+    monkeypatch.setattr("sys.stderr", Terminal(screen))  # tqdm draws on stderr, when it is a terminal
+    monkeypatch.setattr("sys.stdout", Terminal(screen))  # and prints land on the same screen
     records = {name: tmp_path / name / "DONE.json" for name in ("first", "second", "third")}
     records["first"].parent.mkdir()
     records["first"].write_text("{}")
@@ -120,14 +132,16 @@ def test_the_stage_bar_counts_the_records_other_processes_write(tmp_path, monkey
 
     writer = threading.Thread(target=finish_second)
     with outputs_progress(records, "pipeline", poll_s=0.02):
-        assert "1/3" in screen.getvalue() and "second" in screen.getvalue()
+        assert "1/3" in "".join(screen) and "second" in "".join(screen)
         writer.start()
         writer.join()
         time.sleep(0.2)
-        print("a stage's line")
-    drawn = screen.getvalue()
+        print("a stage's", "line")
+        time.sleep(0.05)
+    drawn = "".join(screen)
     assert "2/3" in drawn and "third" in drawn and drawn.endswith("\n")  # closed: the next line starts clean
-    assert capsys.readouterr().out == "a stage's line\n"  # through tqdm.write, which lifts the bar off its line
+    before, after = drawn.split("a stage's line\n")
+    assert before.endswith("\r") and "2/3" in after  # the bar was lifted off its line, then drawn again below
 
 
 def test_the_pipeline_summary_names_the_results_the_model_and_the_rerun(tmp_path):
