@@ -171,3 +171,22 @@ def test_trend_averages_the_first_and_last_tenth_and_expands_patterns():
     history = [{"step": i, "reward/mean": float(i), "reward/accuracy": 1.0, "loss": float("nan")} for i in range(40)]
     assert trend(history, ["reward/*", "loss", "absent"]) == {"reward/mean": "1.5 -> 37.5",
                                                              "reward/accuracy": "1 -> 1"}
+
+
+def test_the_rejection_summary_gives_an_sft_command_on_the_dataset(tmp_path):
+    """Its keys are SFTConfig's: the printed command parses (running it is an SFT run like the ones above)."""
+    from fastgrpo.config import load_cli_config
+    from fastgrpo.rejection import RejectionConfig
+    from fastgrpo.runs import dataset_summary
+    from fastgrpo.sft import SFTConfig
+
+    cfg = RejectionConfig(model=str(tmp_path / "rl"), out=str(tmp_path / "rs" / "dataset.jsonl"))
+    result = {"rows": 10, "reasoning_rows": 7, "general_rows": 3, "prompts": 5,
+              "counts": {"sampled": 16, "kept": 7, "wrong": 9}}
+    out = dataset_summary(result, cfg)
+    assert section(out, "output")["dataset"] == cfg.out
+    assert section(out, "metrics")["samples kept"] == "7"
+    argv = shlex.split(section(out, "next")["SFT on it"])
+    assert argv[:3] == ["python", "-m", "fastgrpo.sft"]
+    sft = load_cli_config(SFTConfig, argv[3:])
+    assert (sft.model.path, sft.data.source, sft.log.run_dir) == (cfg.model, cfg.out, str(tmp_path / "rs" / "sft"))
