@@ -13,6 +13,9 @@ Stages, in order (a config section each; `stages` picks which run):
   sft                    ...and SFT on that dataset, from the stage-2 model (or the base: sft.model.path="@base")
   helpfulness_rl      4. GRPO: rule rewards on reasoning prompts, the reward model on general prompts
 
+A LoRA stage (its model.lora set) outputs its base with the adapter merged in (RUN_DIR/<stage>/merged, a Hugging Face
+folder that transformers and vLLM load); its adapter stays in its checkpoints, in peft's format.
+
 A value "@previous" is the output of the policy stage before (the base model for cold_start), "@base" the base
 model, "@<stage>" that stage's output (a model folder, or rejection_sampling's dataset). Each stage runs in its
 own process, from RUN_DIR/<stage>/stage.yaml (the printed command reruns it alone), and its model is evaluated
@@ -40,6 +43,7 @@ from .checkpoint import latest_checkpoint
 from .config import ConfigError, DataConfig, GRPOConfig, ModelConfig, RewardConfig, load_cli_config, to_yaml
 from .config_doc import help_text
 from .evaluate import EvalConfig
+from .lora import export_merged
 from .prm import PRMConfig, PRMDataConfig
 from .rejection import RejectionConfig
 from .reward_model import RewardModelConfig
@@ -228,6 +232,8 @@ def stage_output(cfg: PipelineConfig, stage: str, config) -> str:
     if checkpoint is None:
         raise RunError(f"{stage} ended without error but produced no checkpoint in {out / 'checkpoints'} (did it "
                        f"train? see {out / 'stage.log'})")
+    if config.model.lora is not None:  # its checkpoint is an adapter: the next stages get it merged into the base
+        return str(export_merged(checkpoint, out / "merged", config.model.trust_remote_code).resolve())
     return str(checkpoint.resolve())
 
 

@@ -299,3 +299,29 @@ def test_grpo_lora_with_vllm_shares_the_base_and_learns(model_path, tmp_path, mo
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     expected = dict(base.named_parameters())
     assert all(torch.equal(expected[n], p) for n, p in base_parameters(run.model).items())
+
+
+def test_a_lora_pipeline_stage_hands_on_its_merged_model(model_path, tmp_path):
+    """The R1 pipeline: a LoRA stage's output, which the next stages start from, is its base with the adapter merged
+    (a Hugging Face folder), computing what the base with the adapter computes."""
+    from peft import PeftModel
+
+    from fastgrpo.pipeline import PipelineConfig, stage_dir, stage_output
+    from fastgrpo.sft import SFTConfig, train
+
+    pipeline = load_config(PipelineConfig, None, [f"run_dir={tmp_path}", f"base.path={model_path}"])
+    cfg = load_config(SFTConfig, None, [
+        f"model.path={model_path}", f"log.run_dir={stage_dir(pipeline, 'cold_start')}", "log.tensorboard=false",
+        "data.num_examples=32", "data.max_length=64", "train.sequences_per_step=8", "train.lr=5e-2", "train.steps=2",
+        "model.lora.r=4"])
+    train(cfg)
+    output = stage_output(pipeline, "cold_start", cfg)
+    assert output == str((stage_dir(pipeline, "cold_start") / "merged").resolve())
+    ids = torch.tensor([PROMPTS[0] + [40, 41, 42]])
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, stage_dir(pipeline, "cold_start") / "checkpoints" / "step-00000002")(
+            input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)(input_ids=ids).logits
+    assert torch.allclose(merged, adapted, atol=1e-5) and not torch.allclose(merged, plain, atol=1e-3)
