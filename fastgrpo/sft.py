@@ -106,11 +106,9 @@ def tool_demonstrations(cfg: SFTDataConfig, tokenizer) -> list[tuple[list[int], 
     """(ids, prompt length) of cfg.num_examples episodes on TOOL_DEMOS[cfg.source]'s train prompts: a
     TOOL_PROMPT_SHARE of the prompts describe the calculator, and a TOOL_CALL_SHARE of those call it; every other
     episode answers directly."""
-    from transformers.utils import get_json_schema
+    from .tools import calculator, tool_schema
 
-    from .tools import calculator
-
-    tools = [get_json_schema(calculator)]
+    tools = [tool_schema(calculator)]
     rng = random.Random(f"{cfg.source}:{cfg.seed}")
     episodes = []
     for ex in builtin_dataset(TOOL_DEMOS[cfg.source], cfg.num_examples, cfg.seed, "train"):
