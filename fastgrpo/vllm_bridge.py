@@ -543,7 +543,9 @@ class ZeroCopy(_Packed):
         if not self.repack:
             return 0.0
         self.packed = True
-        return repack(self.llm, self.adapters)  # LoRA: packed from base + B·A, the shared base untouched
+        if self.adapters is None:
+            return repack(self.llm)
+        return repack(self.llm, adapters=self.adapters)  # LoRA: packed from base + B·A, the shared base untouched
 
     def ready(self) -> None:
         # LoRA where vLLM computes from the shared weights themselves: merged in place for the rollout, restored
