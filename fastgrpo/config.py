@@ -207,7 +207,9 @@ class ToolsConfig:
     # module:factory, called once per episode: a TRL environment_factory (reset, tool methods, get_reward) or a
     # fastgrpo.tools.Environment; funcs are added to its tools
     environment: str | None = None
-    max_turns: int = 4  # the model's turns per episode; generation.max_completion_length bounds its tokens after the prompt
+    # the model's turns per episode; generation.max_completion_length bounds the episode's tokens after the prompt
+    max_turns: int = 4
+    max_turn_tokens: int | None = None  # a turn's tokens; one reaching it goes to the environment as it is
     timeout_s: float = 10.0  # per tool call, and per environment step
     max_concurrency: int = 16  # tool calls (environment steps) running at once
 

@@ -14,7 +14,9 @@ not depend on the others, and a resumed run reproduces an uninterrupted one.
 
 Limits: tools.max_turns model turns; generation.max_completion_length tokens after the prompt, turns and
 observations together (a turn reaching it is truncated as a single-turn completion is, finish_reason "length"; an
-observation that does not fit is cut and ends the episode, also "length").
+observation that does not fit is cut and ends the episode, also "length"); tools.max_turn_tokens per turn (a turn
+reaching it is handed to the environment as it is, and the observation starts with the end-of-turn token that
+closes it).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Episode:
     mask: list[int] = field(default_factory=list)  # 1: sampled, 0: observation
     turns: int = 0
     turn_start: int = 0  # where the last sampled turn starts in ids
+    turn_cut: bool = False  # the last turn stopped at tools.max_turn_tokens, not at its end-of-turn token
     tool_calls: int = 0
     tool_errors: int = 0
     finish_reason: str = "stop"
@@ -99,11 +102,13 @@ class EpisodeRunner:
 
     def __init__(self, cfg: GRPOConfig, tokenizer, end_token_id: int):
         self.cfg, self.limits, self.tokenizer = cfg, cfg.tools, tokenizer
-        self.renderer = ObservationRenderer(tokenizer, end_token_id)
+        self.renderer, self.end_token_id = ObservationRenderer(tokenizer, end_token_id), end_token_id
         self.python = PythonTool(cfg.rewards.code) if "python" in self.limits.funcs else None
         self.tools = [self._tool(name) for name in self.limits.funcs]
         self.factory = None if cfg.tools.environment is None else load_object(cfg.tools.environment,
                                                                                "tools.environment")
+        if self.factory is not None and not callable(self.factory):
+            raise ValueError(f"tools.environment={cfg.tools.environment!r} is not callable (a class or factory)")
         self.schemas = [tool_schema(t) for t in getattr(self.environment(), "tools", [])]
 
     def _tool(self, name: str):
@@ -152,15 +157,19 @@ class EpisodeRunner:
         return Episode(prompt_ids, environment, seed)
 
     def sample_turn(self, generator, live: list[Episode], sampling: SamplingConfig, turn: int) -> None:
-        budget = self.cfg.generation.max_completion_length
+        """One turn of each live episode; one reaching the episode's token budget ends it, truncated, and one
+        reaching tools.max_turn_tokens goes to its environment as it is."""
+        budget, cap = self.cfg.generation.max_completion_length, self.limits.max_turn_tokens or 2**62
+        rooms = [budget - len(e.ids) for e in live]
         outputs = generator.generate_each([e.prompt_ids + e.ids for e in live], sampling,
                                           [e.seed + turn * TURN_SEED_STRIDE for e in live],
-                                          [budget - len(e.ids) for e in live])
-        for e, c in zip(live, outputs):
+                                          [min(room, cap) for room in rooms])
+        for e, c, room in zip(live, outputs, rooms):
             e.turn_start = len(e.ids)
             e.add(c.token_ids, c.logprobs)
             e.turns += 1
-            if c.finish_reason == "length":
+            e.turn_cut = c.finish_reason == "length"
+            if e.turn_cut and len(c.token_ids) == room:
                 e.done, e.finish_reason = True, "length"
 
     def observe(self, stepping: list[Episode], last: bool) -> None:
@@ -184,7 +193,9 @@ class EpisodeRunner:
             if step.done:
                 e.done = True
                 continue
-            self.append_observation(e, self.renderer.ids(step.messages))
+            # a turn cut at tools.max_turn_tokens is closed by the observation, with the end-of-turn token
+            closing = [self.end_token_id] if e.turn_cut else []
+            self.append_observation(e, closing + self.renderer.ids(step.messages))
 
     def append_observation(self, e: Episode, ids: list[int]) -> None:
         room = self.cfg.generation.max_completion_length - len(e.ids)
