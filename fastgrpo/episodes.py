@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import GRPOConfig, ToolsConfig
+from .config import CodeConfig, GRPOConfig, ToolsConfig
 from .data import decode, encode_prompt
 from .generation import Completion, SamplingConfig
 from .tools import PythonTool, ToolEnvironment, calculator, load_object, python_tool, run_bounded, tool_schema
@@ -98,17 +98,21 @@ class Episode:
 
 
 class EpisodeRunner:
-    """Runs a step's episodes on a generator (VLLMGenerator or HFGenerator: anything with generate_each)."""
+    """Runs episodes on a generator (VLLMGenerator or HFGenerator: anything with generate_each).
 
-    def __init__(self, cfg: GRPOConfig, tokenizer, end_token_id: int):
-        self.cfg, self.limits, self.tokenizer = cfg, cfg.tools, tokenizer
+    max_tokens: each episode's tokens after its prompt (generation.max_completion_length); prompt_column: the rows'
+    prompt (an environment's reset text is appended to it); code: the python tool's sandbox settings.
+    """
+
+    def __init__(self, limits: ToolsConfig, tokenizer, end_token_id: int, max_tokens: int,
+                 prompt_column: str = "prompt", code: CodeConfig | None = None):
+        self.limits, self.tokenizer, self.max_tokens, self.prompt_column = limits, tokenizer, max_tokens, prompt_column
         self.renderer, self.end_token_id = ObservationRenderer(tokenizer, end_token_id), end_token_id
-        self.python = PythonTool(cfg.rewards.code) if "python" in self.limits.funcs else None
-        self.tools = [self._tool(name) for name in self.limits.funcs]
-        self.factory = None if cfg.tools.environment is None else load_object(cfg.tools.environment,
-                                                                               "tools.environment")
+        self.python = PythonTool(code) if "python" in limits.funcs else None
+        self.tools = [self._tool(name) for name in limits.funcs]
+        self.factory = None if limits.environment is None else load_object(limits.environment, "tools.environment")
         if self.factory is not None and not callable(self.factory):
-            raise ValueError(f"tools.environment={cfg.tools.environment!r} is not callable (a class or factory)")
+            raise ValueError(f"tools.environment={limits.environment!r} is not callable (a class or factory)")
         self.schemas = [tool_schema(t) for t in getattr(self.environment(), "tools", [])]
 
     def _tool(self, name: str):
@@ -150,7 +154,7 @@ class EpisodeRunner:
         environment = self.environment()
         extra = environment.reset(**row)
         if extra:  # TRL's rule: appended to the prompt's last user message
-            prompt = row[self.cfg.data.prompt_column]
+            prompt = row[self.prompt_column]
             prompt = prompt + extra if isinstance(prompt, str) else \
                 [*prompt[:-1], {**prompt[-1], "content": prompt[-1]["content"] + extra}]
             prompt_ids = encode_prompt(self.tokenizer, prompt, self.schemas)
@@ -159,7 +163,7 @@ class EpisodeRunner:
     def sample_turn(self, generator, live: list[Episode], sampling: SamplingConfig, turn: int) -> None:
         """One turn of each live episode; one reaching the episode's token budget ends it, truncated, and one
         reaching tools.max_turn_tokens goes to its environment as it is."""
-        budget, cap = self.cfg.generation.max_completion_length, self.limits.max_turn_tokens or 2**62
+        budget, cap = self.max_tokens, self.limits.max_turn_tokens or 2**62
         rooms = [budget - len(e.ids) for e in live]
         outputs = generator.generate_each([e.prompt_ids + e.ids for e in live], sampling,
                                           [e.seed + turn * TURN_SEED_STRIDE for e in live],
@@ -198,7 +202,7 @@ class EpisodeRunner:
             self.append_observation(e, closing + self.renderer.ids(step.messages))
 
     def append_observation(self, e: Episode, ids: list[int]) -> None:
-        room = self.cfg.generation.max_completion_length - len(e.ids)
+        room = self.max_tokens - len(e.ids)
         if len(ids) >= room:  # no room for the observation and a turn after it
             e.add(ids[:room], None)
             e.done, e.finish_reason = True, "length"
@@ -212,3 +216,11 @@ class EpisodeRunner:
 
 def tools_enabled(cfg: ToolsConfig) -> bool:
     return bool(cfg.funcs) or cfg.environment is not None
+
+
+def episode_runner(cfg: GRPOConfig, tokenizer) -> EpisodeRunner | None:
+    """A GRPO run's multi-turn runner; None where it has no tools or environment."""
+    if not tools_enabled(cfg.tools):
+        return None
+    return EpisodeRunner(cfg.tools, tokenizer, tokenizer.eos_token_id, cfg.generation.max_completion_length,
+                         cfg.data.prompt_column, cfg.rewards.code)

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import DataConfig, RewardConfig, load_cli_config
+from .config import DataConfig, RewardConfig, ToolsConfig, load_cli_config
 from .config_doc import help_text
 from .data import decode, encode_prompt, load_general, load_prompts
+from .episodes import EpisodeRunner, tools_enabled
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .rewards import FormatReward, accuracy_reward, build_rewards, compute_rewards, extract_answer
 from .runs import check_model_path, command_line, evaluation_summary, write_atomic
@@ -39,6 +40,7 @@ class EvalConfig:
     model: str = "???"  # an HF checkpoint folder
     data: DataConfig = field(default_factory=lambda: DataConfig(max_prompt_length=256))
     rewards: RewardConfig = field(default_factory=RewardConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)  # multi-turn episodes with these tools (as in training)
     backend: str = "vllm"  # vllm | hf
     k: int = 4  # samples per prompt
     temperature: float = 0.6  # R1 reports pass@1 at temperature 0.6, top-p 0.95
@@ -66,22 +68,30 @@ def make_sampler_llm(cfg: EvalConfig):
     return generator, tokenizer
 
 
-def sample(generator, tokenizer, prompts: list, sampling: SamplingConfig, desc: str = "sampling") -> list[list]:
-    """k completions per prompt: (text, token ids, finish reason), the text with special tokens but no EOS.
+def sample(generator, tokenizer, prompts: list, sampling: SamplingConfig, desc: str = "sampling",
+           episodes: EpisodeRunner | None = None, rows: list[dict] | None = None,
+           episode_stats: list | None = None) -> list[list]:
+    """k completions per prompt: (text, token ids, finish reason), the text with special tokens but no EOS; with
+    `episodes`, multi-turn episodes from the prompts' dataset `rows`, each one's turns and tool calls appended to
+    `episode_stats`.
 
     In chunks of about SEQUENCES_PER_CHUNK sequences, for a progress bar with ETA (off when stderr is no terminal).
     Sample j of prompt i keeps its seed, sampling.seed + i * n + j, whatever the chunk (each chunk's seed starts
     where its first prompt's does), so the samples are those of one call with every prompt.
     """
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    ids = [encode_prompt(tokenizer, p, episodes.schemas if episodes else None) for p in prompts]
     per_chunk = max(1, SEQUENCES_PER_CHUNK // sampling.n)
     groups = []
     with tqdm(total=len(ids), desc=desc, unit="prompt", disable=None) as bar:
         for start in range(0, len(ids), per_chunk):
             seed = None if sampling.seed is None else sampling.seed + start * sampling.n
-            outputs = generator.generate(ids[start:start + per_chunk], replace(sampling, seed=seed))
+            chunk, chunk_sampling = ids[start:start + per_chunk], replace(sampling, seed=seed)
+            outputs = (generator.generate(chunk, chunk_sampling) if episodes is None else
+                       episodes.generate(generator, chunk, rows[start:start + per_chunk], chunk_sampling))
             groups += [[(decode(tokenizer, c.token_ids), c.token_ids, c.finish_reason) for c in group]
                        for group in outputs]
+            if episode_stats is not None:
+                episode_stats += [c.extra for group in outputs for c in group]
             bar.update(len(outputs))
     return groups
 
@@ -105,7 +115,13 @@ def evaluate_reasoning(generator, tokenizer, cfg: EvalConfig) -> dict:
     k = cfg.k
     sampling = SamplingConfig(n=k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_completion_length,
                               seed=cfg.seed)
-    groups = sample(generator, tokenizer, ds[cfg.data.prompt_column], sampling, desc="eval reasoning")
+    episodes = None
+    if tools_enabled(cfg.tools):
+        episodes = EpisodeRunner(cfg.tools, tokenizer, tokenizer.eos_token_id, cfg.max_completion_length,
+                                 cfg.data.prompt_column, cfg.rewards.code)
+    stats = []
+    groups = sample(generator, tokenizer, ds[cfg.data.prompt_column], sampling, desc="eval reasoning",
+                    episodes=episodes, rows=list(ds), episode_stats=stats)
     texts = [t for g in groups for t, _, _ in g]
     ids = [i for g in groups for _, i, _ in g]
     columns = {c: [v for v in ds[c] for _ in range(k)] for c in ds.column_names if c != cfg.data.prompt_column}
@@ -116,7 +132,7 @@ def evaluate_reasoning(generator, tokenizer, cfg: EvalConfig) -> dict:
     rewards = compute_rewards(funcs, weights, prompts, texts, ids, columns).rewards
     answers = [extract_answer(t) for t in texts]
     maj = [majority_correct(answers[i * k:(i + 1) * k], correct[i * k:(i + 1) * k]) for i in range(len(groups))]
-    return {
+    results = {
         "prompts": len(groups),
         "pass@1": sum(correct) / len(correct),
         f"maj@{k}": sum(maj) / len(maj),
@@ -125,6 +141,11 @@ def evaluate_reasoning(generator, tokenizer, cfg: EvalConfig) -> dict:
         "length": sum(len(i) for i in ids) / len(ids),
         "truncated": sum(r == "length" for g in groups for _, _, r in g) / len(texts),
     }
+    if episodes is not None:
+        episodes.close()
+        results.update({"tool_call_share": sum(e["tool_calls"] > 0 for e in stats) / len(stats),
+                        "turns": sum(e["turns"] for e in stats) / len(stats)})
+    return results
 
 
 def evaluate_general(generator, tokenizer, cfg: EvalConfig, device=None) -> dict:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -196,9 +195,8 @@ class ScriptedTurns:
 
 def runner(tok, tmp_path, **tools):
     cfg = load_config(GRPOConfig, None, [f"model.path={tmp_path}", "tools.funcs=[calculator]",
-                                         "generation.max_completion_length=400",
                                          *(f"tools.{k}={v}" for k, v in tools.items())])
-    return EpisodeRunner(cfg, tok, tok.eos_token_id)
+    return EpisodeRunner(cfg.tools, tok, tok.eos_token_id, max_tokens=400)
 
 
 def test_an_episode_is_the_sampled_and_observation_ids_never_re_encoded(tok, tmp_path):
@@ -228,12 +226,12 @@ def test_turn_and_token_limits(tok, tmp_path):
     (c,) = group
     assert (c.extra["turns"], c.extra["tool_calls"], c.finish_reason) == (3, 2, "stop")  # the last call is not run
     run = runner(tok, tmp_path)
-    run.cfg = replace(run.cfg, generation=replace(run.cfg.generation, max_completion_length=140))
+    run.max_tokens = 140
     (group,) = run.generate(always, [[1]], [{}], SamplingConfig(n=1, seed=0))
     (c,) = group
     assert len(c.token_ids) == 140 and c.finish_reason == "length"  # turn, observation, then a truncated turn
     assert c.extra["turns"] == 2 and c.extra["mask"][-1] == 1
-    run.cfg = replace(run.cfg, generation=replace(run.cfg.generation, max_completion_length=len(always.typed(CALL)) + 5))
+    run.max_tokens = len(always.typed(CALL)) + 5
     (group,) = run.generate(always, [[1]], [{}], SamplingConfig(n=1, seed=0))
     (c,) = group
     assert len(c.token_ids) == len(always.typed(CALL)) + 5 and c.finish_reason == "length"  # the observation is cut
@@ -399,7 +397,7 @@ def test_vllm_continues_episodes_from_their_ids_with_the_trainers_log_probs(tok,
                                          "tools.max_turns=3", "tools.max_turn_tokens=20",
                                          "generation.max_completion_length=150"])
     prompt = [1, 4, 30, 31, 32, 5]
-    (group,) = EpisodeRunner(cfg, tok, tok.eos_token_id).generate(
+    (group,) = EpisodeRunner(cfg.tools, tok, tok.eos_token_id, max_tokens=150).generate(
         gen, [prompt], [{}], SamplingConfig(n=4, temperature=0.8, max_tokens=150, seed=3))
     assert all(c.extra["turns"] == 3 for c in group)
     for c in group:
