@@ -79,7 +79,9 @@ def cot_completion(example: dict, eos: str) -> str:
 # SFT source -> the built-in task whose train prompts it demonstrates the calculator tool on
 TOOL_DEMOS = {"builtin:multiply_tools": "multiply"}
 TOOL_PROMPT_SHARE = 0.5  # of the demonstrations, those whose prompt describes the tool (GRPO without it has none)
-TOOL_CALL_SHARE = 0.5  # of those, the ones that call it: RL decides whether calling pays, so SFT leaves both open
+# Of those, the ones that call it: RL decides whether calling pays, so SFT leaves both open. Calls are the larger
+# share since the tiny model learns to copy the expression and the result only from many of them.
+TOOL_CALL_SHARE = 0.75
 
 
 def tool_episode(tokenizer, example: dict, tools: list[dict] | None, call: bool) -> tuple[list[int], int]:

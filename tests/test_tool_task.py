@@ -103,8 +103,9 @@ def test_conversations_without_tools_render_as_before(tok, conversation, generat
 
 
 EPISODE = [{"role": "user", "content": "347*86="}, call_message("347*86"), {"role": "tool", "content": "29842"},
+           {"role": "assistant", "content": "Answer: 29842"}, {"role": "user", "content": "and one more?"},
            call_message("29842+1"), {"role": "tool", "content": "29843"},
-           {"role": "assistant", "content": "Answer: 29842"}]
+           {"role": "assistant", "content": "Answer: 29843"}]
 
 
 @pytest.mark.parametrize("tools", [None, TOOLS, TOOLS + [get_json_schema(python)]])
@@ -149,5 +150,5 @@ def test_the_cold_start_mixes_calls_direct_answers_and_prompts_without_tools(tok
         assert ids == rollout_ids(tok, prompt.split("<|user|>")[1].removesuffix("<|assistant|>"), tools, call)
         kinds.append((tools is not None, call))
     shares = {kind: kinds.count(kind) / len(kinds) for kind in [(False, False), (True, False), (True, True)]}
-    assert 0.4 < shares[False, False] < 0.6 and 0.18 < shares[True, False] < 0.32 and 0.18 < shares[True, True] < 0.32
+    assert 0.4 < shares[False, False] < 0.6 and 0.07 < shares[True, False] < 0.18 and 0.3 < shares[True, True] < 0.45
     assert sum(shares.values()) == 1  # no call without the tool described
