@@ -135,13 +135,17 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {f"{name}.weight": m for name, m in transformers_model(model).named_modules() if isinstance(m, LoraLayer)}
 
 
-def weight_deltas(model: nn.Module) -> dict[str, Callable[[], torch.Tensor]] | None:
-    """{transformers weight name: a function giving the adapter's current B·A·scale for it}, or None without LoRA.
-    vLLM samples from base + delta (vllm_bridge.AdapterRows)."""
+def weight_deltas(model: nn.Module) -> dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor, float]]] | None:
+    """{transformers weight name: a function giving the adapter's current (B, A, scale)}, or None without LoRA.
+    vLLM samples from base + scale * B @ A (vllm_bridge.AdapterRows adds it with one addmm and no delta-sized
+    temporary: a merged repack of a 24M-parameter model took 0.30 s this way, 0.44 s with peft's get_delta_weight
+    and an add, 0.15-0.2 s without adapters)."""
     layers = lora_layers(model)
     if not layers:
         return None
-    return {name: (lambda layer=layer: layer.get_delta_weight(ADAPTER).detach()) for name, layer in layers.items()}
+    return {name: (lambda layer=layer: (layer.lora_B[ADAPTER].weight.detach(), layer.lora_A[ADAPTER].weight.detach(),
+                                        layer.scaling[ADAPTER]))
+            for name, layer in layers.items()}
 
 
 def reference_precision(model: nn.Module, ref_model: nn.Module | None, precision):

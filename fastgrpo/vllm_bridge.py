@@ -331,10 +331,10 @@ class AdapterRows:
 
     @torch.no_grad()
     def add_to(self, vparam, out: torch.Tensor) -> None:
-        """out (vparam's rows, in any dtype) += the adapters' deltas, in place."""
-        for offset, delta in self.rows.get(id(vparam), ()):
-            d = delta()
-            out[offset: offset + d.shape[0]] += d.to(out.dtype)
+        """out (vparam's rows, in any dtype) += scale * B @ A of each adapter on them, in place."""
+        for offset, factors in self.rows.get(id(vparam), ()):
+            B, A, scale = factors()
+            out[offset: offset + B.shape[0]].addmm_(B.to(out.dtype), A.to(out.dtype), alpha=scale)
 
     def merged(self, vparam, base: torch.Tensor) -> torch.Tensor:
         """A new tensor: base + the deltas (base is not written)."""
@@ -348,11 +348,11 @@ class AdapterRows:
         adapted rows are saved."""
         saved = []
         for vparam in self.params:
-            for offset, delta in self.rows[id(vparam)]:
-                d = delta()
-                rows = vparam.data[offset: offset + d.shape[0]]
+            for offset, factors in self.rows[id(vparam)]:
+                B, A, scale = factors()
+                rows = vparam.data[offset: offset + B.shape[0]]
                 saved.append((rows, rows.clone()))
-                rows += d.to(rows.dtype)
+                rows.addmm_(B.to(rows.dtype), A.to(rows.dtype), alpha=scale)
         return saved
 
     @staticmethod
