@@ -163,6 +163,19 @@ class ScriptedGenerator:
             out.append(group)
         return out
 
+    def generate_each(self, prompts, sampling, seeds, max_tokens):
+        """Multi-turn episodes' turns: each a fixed function of (ids so far, seed), cut at its budget."""
+        from fastgrpo.generation import Completion
+
+        out = []
+        for prompt, seed, budget in zip(prompts, seeds, max_tokens):
+            g = torch.Generator().manual_seed(zlib.crc32(f"{prompt}|{seed}".encode()))
+            n = int(torch.randint(1, 8, (), generator=g))
+            ids = torch.randint(8, self.vocab_size, (n,), generator=g).tolist()
+            logprobs = (-3 * torch.rand(n, generator=g)).tolist()
+            out.append(Completion(ids[:budget], logprobs[:budget], "length" if n >= budget else "stop"))
+        return out
+
     def function(self, g: torch.Generator) -> list[int]:
         """A fenced f(x) = x <op> k: right on a task's every input, on some (f(0) == 0 for x * k), or none."""
         op = ["+", "-", "*", "//"][int(torch.randint(0, 4, (), generator=g))]
@@ -192,6 +205,9 @@ def digit_steps(steps, **kwargs):
 PROCESS = "rewards.step_pattern='[aeiou]'"  # with it a job is scored by digit_steps and digits: process supervision
 # a job with CODE is the code task: its completions are code, scored by the sandboxed "code" reward
 CODE = "code-task"
+# a job with TOOLS runs multi-turn episodes: every turn answered by tests/test_tools.py's Echo environment
+TOOLS = "tools-task"
+TOOLS_ARGS = ["tools.environment=test_tools:Echo", "tools.max_turns=3", "tools.max_turn_tokens=5", "generation.max_completion_length=60"]
 CODE_ARGS = ["data.source=builtin:code", "rewards.funcs=[code]", "rewards.weights=[1.0]",
              "generation.max_completion_length=40"]
 
@@ -219,6 +235,7 @@ def run_job(model_dir: str, work: Path, job: str) -> list[dict]:
 
     trainer, run, steps, *rest = job.split(":")
     code, rest = CODE in rest, [r for r in rest if r != CODE] + (CODE_ARGS if CODE in rest else [])
+    rest = [r for r in rest if r != TOOLS] + (TOOLS_ARGS if TOOLS in rest else [])
     backend = [r for r in rest if "=" not in r]
     common = [f"model.path={model_dir}", f"log.run_dir={work / f'{trainer}-{run}'}", f"train.steps={steps}",
               *(r for r in rest if "=" in r)]
@@ -380,12 +397,14 @@ def test_trainers_on_one_and_two_ranks_and_resume_across_world_sizes(tmp_path, m
 
     process = f"grpo:process:2:{PROCESS}"
     code = f"grpo:code:2:{CODE}"
-    one = _run([], "train", [model, work, "grpo:a:2", "sft:a:2", process, code], tmp_path, "one")
+    tools = f"grpo:tools:2:{TOOLS}"
+    one = _run([], "train", [model, work, "grpo:a:2", "sft:a:2", process, code, tools], tmp_path, "one")
     for trainer in ("grpo", "sft"):
         _seed_from(work / f"{trainer}-a", work / f"{trainer}-c", step=1)
     mixed = "grpo:mixed:1:hf:model.dtype=bfloat16:train.lr=1e-6:train.weight_decay=0"
     two = _run(TORCHRUN, "train", [model, work, "grpo:b:1", "grpo:c:2", "sft:b:1", "sft:c:2", "grpo:hf:1:hf", mixed,
-                                   process.replace(":process:", ":process2:"), code.replace(":code:", ":code2:")],
+                                   process.replace(":process:", ":process2:"), code.replace(":code:", ":code2:"),
+                                   tools.replace(":tools:", ":tools2:")],
                tmp_path, "two")
     # A DCP .metadata pickle planted beside the optimizer slices that "back" resumes from: nothing reads it.
     marker = tmp_path / "pwned"
@@ -420,6 +439,10 @@ def test_trainers_on_one_and_two_ranks_and_resume_across_world_sizes(tmp_path, m
     _same_steps(two[code.replace(":code:", ":code2:")], one[code], GRPO_KEYS, "code: 2 ranks")
     _same_weights(ckpt("grpo-code2", 2), ckpt("grpo-code", 2))
     assert all(0 < h["reward/code_reward"] < 1 and h["reward/std"] > 0 for h in one[code])
+    # multi-turn episodes: each rank runs its share's episodes and environments; the steps are the 1-rank ones
+    _same_steps(two[tools.replace(":tools:", ":tools2:")], one[tools], GRPO_KEYS, "tools: 2 ranks")
+    _same_weights(ckpt("grpo-tools2", 2), ckpt("grpo-tools", 2))
+    assert all(h["episode/turns_mean"] > 1 and h["episode/observation_tokens_mean"] > 0 for h in one[tools])
     (hf_step,) = two["grpo:hf:1:hf"]
     for key in ("reward/mean", "loss/entropy", "grad_norm", "completion/length_mean"):
         assert torch.isfinite(torch.tensor(hf_step[key])), key
