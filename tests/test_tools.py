@@ -406,3 +406,16 @@ def test_vllm_continues_episodes_from_their_ids_with_the_trainers_log_probs(tok,
         trainer = logits.log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
         sampled = torch.tensor(c.extra["mask"]) == 1
         assert (trainer[sampled] - torch.tensor(c.logprobs)[sampled]).abs().max() < 1e-4
+
+
+def test_evaluation_runs_the_same_episodes(model_path, tmp_path, monkeypatch, capsys):
+    from fastgrpo import evaluate
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    out = tmp_path / "results.json"
+    evaluate.main([model_path, "backend=hf", "tools.environment=test_tools:Echo", "tools.max_turns=2",
+                   "tools.max_turn_tokens=5", "data.source=builtin:multiply", "data.eval_examples=3", "k=2",
+                   "max_completion_length=60", f"out={out}"])
+    results = json.loads(out.read_text())
+    assert results["turns"] == 2 and results["prompts"] == 3 and "tool_call_share" in results
+    assert "pass@1" in capsys.readouterr().out
