@@ -419,3 +419,17 @@ def test_evaluation_runs_the_same_episodes(model_path, tmp_path, monkeypatch, ca
     results = json.loads(out.read_text())
     assert results["turns"] == 2 and results["prompts"] == 3 and "tool_call_share" in results
     assert "pass@1" in capsys.readouterr().out
+
+
+def test_the_pipelines_rl_stages_and_evaluation_take_tools(tmp_path):
+    from fastgrpo.config import load_cli_config
+    from fastgrpo.pipeline import PipelineConfig, eval_config, stage_config
+
+    cfg = load_cli_config(PipelineConfig, [
+        f"run_dir={tmp_path}", "base.path=m", "reasoning_rl.model.path=m", "helpfulness_rl.model.path=m",
+        "helpfulness_rl.rewards.reward_model=rm", "reasoning_rl.tools.funcs=[calculator]",
+        "reasoning_rl.tools.max_turns=2", "eval.tools.funcs=[calculator]", "helpfulness_rl.tools.environment=test_tools:Echo"])
+    assert stage_config(cfg, "reasoning_rl").tools.funcs == ["calculator"]
+    assert stage_config(cfg, "reasoning_rl").tools.max_turns == 2
+    assert stage_config(cfg, "helpfulness_rl").tools.environment == "test_tools:Echo"
+    assert eval_config(cfg, "model", tmp_path / "eval.json").tools.funcs == ["calculator"]
