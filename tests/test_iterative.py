@@ -80,6 +80,25 @@ def test_an_update_learns_the_pairs_and_replays_older_ones(models):
     assert rm.update(step=1)["reward_model/pairs_replay"] == 1
 
 
+def kill_mid_run(args: list[str], run_dir: Path, last: str) -> None:
+    """`python -m fastgrpo.grpo ARGS`, killed with SIGKILL once its first checkpoint is written (before `last`)."""
+    from fastgrpo.checkpoint import latest_checkpoint
+
+    # as many threads as this process: a reduction split otherwise rounds differently from the resumed run's
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)]),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-m", "fastgrpo.grpo", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while latest_checkpoint(run_dir) is None:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest_checkpoint(run_dir).name < last  # killed mid-run
+
+
 def run_args(models, run_dir, steps):
     policy, rm = models
     return [f"model.path={policy}", f"log.run_dir={run_dir}", "log.tensorboard=false", "log.save_every=2",
@@ -106,18 +125,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_one(models, tmp_path, monkeyp
     assert all(math.isfinite(h["reward/reward_model"]) for h in straight)  # the learning model scores the rollouts
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)]),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fastgrpo.grpo", *run_args(models, killed, 6)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while latest_checkpoint(killed) is None:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest_checkpoint(killed).name < "step-00000006"  # killed mid-run
+    kill_mid_run(run_args(models, killed, 6), killed, last="step-00000006")
     resumed = train(load_config(GRPOConfig, None, run_args(models, killed, 6)))
     assert untimed(resumed) == untimed(straight)
     a, b = (load_checkpoint(latest_checkpoint(d))["reward_model_learner"] for d in (tmp_path / "straight", killed))

@@ -3,10 +3,6 @@ failing tools, concurrency, and GRPO runs that train on episodes (and resume to 
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +16,6 @@ from fastgrpo.generation import Completion, SamplingConfig
 from fastgrpo.tiny import build_tiny_model, char_tokenizer
 from fastgrpo.tools import Step, ToolEnvironment, calculator, parse_tool_calls, run_bounded, tool_schema
 
-ROOT = Path(__file__).parents[1]
 CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "6*7"}}</tool_call>'
 
 
@@ -342,13 +337,9 @@ class Echo:
         return Step([{"role": "tool", "name": "echo", "content": str(len(turn))}], reward=float(len(turn) % 5), calls=1)
 
 
-def untimed(history):
-    return [{k: v for k, v in h.items() if not k.startswith("time") and k not in ("tokens_per_s", "peak_memory_mib")}
-            for h in history]
-
-
 def test_a_killed_multi_turn_run_resumes_to_the_uninterrupted_one(model_path, tmp_path, monkeypatch):
-    from fastgrpo.checkpoint import latest_checkpoint
+    from test_iterative import kill_mid_run, untimed
+
     from fastgrpo.grpo import train
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
@@ -356,19 +347,7 @@ def test_a_killed_multi_turn_run_resumes_to_the_uninterrupted_one(model_path, tm
     assert all(h["episode/turns_mean"] > 1 and h["episode/observation_tokens_mean"] > 0 for h in straight)
     assert all(math.isfinite(h["loss/kl"]) and h["reward/std"] > 0 for h in straight)
     killed = tmp_path / "killed"
-    # as many threads as this process: a reduction split otherwise rounds differently
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)]),
-           "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-m", "fastgrpo.grpo", *tool_run_args(model_path, killed, 5)], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while latest_checkpoint(killed) is None:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest_checkpoint(killed).name < "step-00000005"  # killed mid-run
+    kill_mid_run(tool_run_args(model_path, killed, 5), killed, last="step-00000005")
     resumed = train(load_config(GRPOConfig, None, tool_run_args(model_path, killed, 5)))
     assert untimed(resumed) == untimed(straight)
 
