@@ -147,6 +147,10 @@ class EpisodeRunner:
                 break
             self.sample_turn(generator, live, sampling, turn)
             self.observe([e for e in live if not e.done], last=turn + 1 == self.limits.max_turns)
+        for e in episodes:
+            final = getattr(e.environment, "final_reward", None)
+            if final is not None and (reward := final()) is not None:
+                e.reward = reward
         n = sampling.n
         return [[e.completion(i) for e in episodes[i * n:(i + 1) * n]] for i in range(len(prompts))]
 

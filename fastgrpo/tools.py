@@ -132,6 +132,8 @@ class Environment(Protocol):
     def step(self, turn: str) -> Step:
         """The next observation after the model's (decoded) turn."""
 
+    # optional: final_reward() -> float | None, called once when the episode has ended (however it ended)
+
 
 class ToolEnvironment:
     """Runs the tool calls of each turn, concurrently, each within `timeout_s`; a turn without a call ends the episode.
@@ -153,10 +155,14 @@ class ToolEnvironment:
     def reset(self, **row) -> str | None:
         return self.owner.reset(**row) if hasattr(self.owner, "reset") else None
 
+    def final_reward(self) -> float | None:
+        """The owner's get_reward() once the episode has ended, however it ended (TRL calls it once per rollout)."""
+        return self.owner.get_reward() if hasattr(self.owner, "get_reward") else None
+
     def step(self, turn: str) -> Step:
         calls = parse_tool_calls(turn)
         if not calls:
-            return Step(done=True, reward=self.owner.get_reward() if hasattr(self.owner, "get_reward") else None)
+            return Step(done=True)
         results = run_bounded([lambda c=c: self._call(c) for c in calls], self.timeout_s, len(calls))
         return Step([{"role": "tool", "name": c.name or "unknown",
                       "content": value if ok else json.dumps({"error": value})}

@@ -158,7 +158,16 @@ def test_a_trl_environment_is_wrapped_as_it_is():
     assert env.reset(prompt="p") == " (use the tool)"
     step = env.step('<tool_call>{"name": "temperature", "arguments": {"city": "Oslo"}}</tool_call>')
     assert step.messages[0]["content"] == "22"
-    assert env.step("done").reward == 1.0
+    assert env.step("done").done and env.final_reward() == 1.0
+
+
+def test_a_trl_environments_reward_is_read_when_its_episode_ends_however_it_ends(tok, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    calls = '<tool_call>{"name": "temperature", "arguments": {"city": "Oslo"}}</tool_call>'
+    for turns, max_turns, reward in (([calls, "It is 22."], 3, 1.0), ([calls], 2, 1.0), (["It is warm."], 2, 0.0)):
+        run = runner(tok, tmp_path, environment="test_tools:Weather", max_turns=max_turns)
+        (group,) = run.generate(ScriptedTurns(tok, turns), [[1]], [{"prompt": "p"}], SamplingConfig(n=1, seed=0))
+        assert group[0].extra["reward"] == reward, turns
 
 
 # ----------------------------------------------------------------------------------------------------------
