@@ -16,7 +16,8 @@ split into generate calls, environment steps and the Python around them (renderi
 (2) trl: a tool-calling model is needed, or neither side runs a second turn. A random model never writes a call, so
 the benchmark builds one: the tiny character tokenizer with Qwen2.5's special tokens and Qwen2.5's chat template
 (TRL parses tool calls only for chat templates it knows, trl/chat_template_utils.add_response_schema; the tiny
-template is not one of them), a small Qwen2 fitted in a few seconds to always answer with one calculator call.
+template is not one of them), a small Qwen2 fitted (--fit-steps) to answer every turn with one calculator call:
+read the report's `tool use` column first, a fit that did not take leaves both sides single-turn.
 Both trainers get that model and tokenizer, the same prompts (jsonl of chat messages), G, turns (fastgrpo
 tools.max_turns = turns; TRL max_tool_calling_iterations = turns - 1), loss (grpo, beta 0.04, epsilon 0.2), lr,
 temperature and completion budget; fastgrpo samples with vLLM, TRL with transformers generate (on CPU it must).
@@ -217,7 +218,8 @@ def task_prompts(n: int) -> list[dict]:
 
 
 def tool_caller_path(name: str, fit_steps: int = 300) -> Path:
-    """A small Qwen2 fitted (a minute) to answer every assistant turn with CALL, cached like _model_path's."""
+    """A small Qwen2 fitted to answer every assistant turn with CALL, cached like _model_path's (150 steps on the
+    tiny shape were not enough: bench/TOOLS.md)."""
     from transformers import AutoModelForCausalLM
 
     from fastgrpo.tiny import tiny_config
@@ -302,14 +304,23 @@ def trl_case(impl: str, model: str, prompts: int, G: int, turns: int, length: in
     return Step(run, lambda _: None, params=[], flops=0.0, min_bytes=1.0, tokens=1, info=info)
 
 
+def _tool_use(history: list[dict]) -> str:
+    """Whether the episodes really had several turns: each trainer's own metric of it, averaged over the steps."""
+    for key, what in (("episode/turns_mean", "turns/episode"), ("tools/call_frequency", "calls/episode")):
+        values = [h[key] for h in history if key in h]
+        if values:
+            return f"{statistics.mean(values):.2f} {what}"
+    return "-"
+
+
 def trl_report(rows: dict, shape: dict) -> list[str]:
     lines = [
         f"Model {shape['model']} shape fitted to always call the calculator (tool_caller_path), Qwen2.5 chat template; "
         f"{shape['prompts']} prompts x G={shape['G']} per step, {shape['turns']} turns (every turn calls the tool), "
         f"completions of up to {shape['length']} tokens; loss grpo, beta 0.04, epsilon 0.2. tok/s: completion tokens "
         f"(sampled and tool) over the seconds each process held the turn, {shape['steps']} steps after one warm-up.",
-        "", "| case | completion tokens / step | s / step | completion tok/s | peak RSS MiB | tok/s vs TRL | "
-        "peak vs TRL |", "|---|--:|--:|--:|--:|--:|--:|",
+        "", "| case | completion tokens / step | tool use | s / step | completion tok/s | peak RSS MiB | tok/s vs TRL | "
+        "peak vs TRL |", "|---|--:|---|--:|--:|--:|--:|--:|",
     ]
     done = {case: row for case, row in rows.items() if row.get("held_s")}
     rate = {case: sum(row["tokens"]) / sum(row["held_s"]) for case, row in done.items()}
@@ -319,7 +330,8 @@ def trl_report(rows: dict, shape: dict) -> list[str]:
             continue
         vs = (f"{rate[case] / rate['trl']:.2f}x | {row['peak_rss_mib'] / rows['trl']['peak_rss_mib']:.2f}x"
               if "trl" in done else "- | -")
-        lines.append(f"| {case} | {statistics.mean(row['tokens']):,.0f} | {statistics.median(row['held_s']):.2f} | "
+        lines.append(f"| {case} | {statistics.mean(row['tokens']):,.0f} | {_tool_use(row['history'])} | "
+                     f"{statistics.median(row['held_s']):.2f} | "
                      f"{rate[case]:,.0f} | {row['peak_rss_mib']:,.0f} | {vs} |")
     return lines
 
