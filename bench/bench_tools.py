@@ -50,7 +50,7 @@ class Echo:
     """Answers every turn after SLEEP_S (a tool's latency), so episodes run to tools.max_turns."""
 
     tools = []
-    SLEEP_S = float(os.environ.get("BENCH_TOOL_S", "0"))  # set by rollout_case before the runner makes any
+    SLEEP_S = 0.0  # set by rollout_case before the runner makes any
 
     def reset(self, **row):
         return None
@@ -108,7 +108,8 @@ def rollout_case(case: str, model: str, prompts: int, G: int, turns: int, turn_t
         sampling = SamplingConfig(n=G, temperature=1.0, max_tokens=tokens, seed=seed, ignore_eos=True)
         if case == "single":
             return [c for cs in gen.generate(prompt_ids, sampling) for c in cs]
-        gen_s.clear(), env_s.clear()
+        gen_s.clear()
+        env_s.clear()
         return [c for cs in runner.generate(gen, prompt_ids, [{}] * prompts, sampling) for c in cs]
 
     def run():
