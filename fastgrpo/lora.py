@@ -221,8 +221,12 @@ def export_merged(checkpoint, out, trust_remote_code: bool = False) -> Path:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    usage = "usage: python -m fastgrpo.lora merge CHECKPOINT OUT   # the base with the adapter merged, a HF folder"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return
     if len(argv) != 3 or argv[0] != "merge":
-        print("usage: python -m fastgrpo.lora merge CHECKPOINT OUT   # the base with the adapter merged, a HF folder")
+        print(usage)
         raise SystemExit(2)
     print(export_merged(argv[1], argv[2]))
 

@@ -175,8 +175,8 @@ def test_grpo_lora_checkpoint_is_peft_format_and_resumes_exactly(model_path, tmp
     interrupted; the merged export loads with AutoModelForCausalLM and computes the adapted model's log-probs."""
     from peft import PeftModel
 
+    from fastgrpo import lora
     from fastgrpo.grpo import train
-    from fastgrpo.lora import export_merged
 
     straight = train(grpo_cfg(model_path, tmp_path / "a", "train.steps=4"), reward_funcs=[sevens])
     train(grpo_cfg(model_path, tmp_path / "b", "train.steps=2"), reward_funcs=[sevens])
@@ -198,7 +198,8 @@ def test_grpo_lora_checkpoint_is_peft_format_and_resumes_exactly(model_path, tmp
     a, b = load_file(step_dir / "adapter_model.safetensors"), load_file(resumed_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.allclose(adapted, expected)
-    merged = AutoModelForCausalLM.from_pretrained(export_merged(step_dir, tmp_path / "merged"), dtype=torch.float32)
+    lora.main(["merge", str(step_dir), str(tmp_path / "merged")])  # the README's command
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-5)
 
