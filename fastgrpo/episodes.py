@@ -218,6 +218,12 @@ class EpisodeRunner:
             self.python.close()
 
 
+def sampled_ids(c: Completion) -> list[int]:
+    """The tokens the model wrote: a multi-turn episode's turns (its observations left out); a completion's all."""
+    mask = c.extra.get("mask")
+    return c.token_ids if mask is None else [t for t, m in zip(c.token_ids, mask) if m]
+
+
 def tools_enabled(cfg: ToolsConfig) -> bool:
     return bool(cfg.funcs) or cfg.environment is not None
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .config import DataConfig, RewardConfig, ToolsConfig, load_cli_config
 from .config_doc import help_text
 from .data import decode, encode_prompt, load_general, load_prompts
-from .episodes import EpisodeRunner, tools_enabled
+from .episodes import EpisodeRunner, sampled_ids, tools_enabled
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
 from .rewards import FormatReward, accuracy_reward, build_rewards, compute_rewards, extract_answer
 from .runs import check_model_path, command_line, evaluation_summary, write_atomic
@@ -88,7 +88,8 @@ def sample(generator, tokenizer, prompts: list, sampling: SamplingConfig, desc: 
             chunk, chunk_sampling = ids[start:start + per_chunk], replace(sampling, seed=seed)
             outputs = (generator.generate(chunk, chunk_sampling) if episodes is None else
                        episodes.generate(generator, chunk, rows[start:start + per_chunk], chunk_sampling))
-            groups += [[(decode(tokenizer, c.token_ids), c.token_ids, c.finish_reason) for c in group]
+            # an episode is scored on what the model wrote, not on what its tools answered
+            groups += [[(decode(tokenizer, sampled_ids(c)), c.token_ids, c.finish_reason) for c in group]
                        for group in outputs]
             if episode_stats is not None:
                 episode_stats += [c.extra for group in outputs for c in group]

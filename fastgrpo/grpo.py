@@ -30,7 +30,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig, LossConfig, TrainConfig, load_cli_config, write_run_config
 from .config_doc import help_text
 from .data import PromptSampler, decode, load_prompts
-from .episodes import EpisodeRunner, episode_runner
+from .episodes import EpisodeRunner, episode_runner, sampled_ids
 from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, end_worker, init_distributed,
                           reshard, world)
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
@@ -202,17 +202,19 @@ def generate_share(generator, batch: list, cfg: GRPOConfig, round_index: int,
 
 def score_share(mine: list, completions: list, tokenizer, reward_funcs, weights, cfg: GRPOConfig) -> Scores:
     """compute_rewards on this rank's prompts (each repeated G times) and their completions, with their steps where
-    rewards.step_pattern is set."""
+    rewards.step_pattern is set. A multi-turn episode's completion is what the model wrote (its turns' tokens): a
+    number a tool answered is not the model's answer; the `episode` column holds the whole text, tool answers too."""
     G = cfg.generation.num_generations
     prompts = [ex[cfg.data.prompt_column] for _, ex in mine for _ in range(G)]
     columns = {k: [ex[k] for _, ex in mine for _ in range(G)] for k in mine[0][1]}
     columns.pop(cfg.data.prompt_column)
-    if "reward" in completions[0].extra:  # multi-turn: what each episode's environment scored it
+    texts = [decode(tokenizer, sampled_ids(c)) for c in completions]
+    if "mask" in completions[0].extra:  # multi-turn: what the environments scored, and the whole episodes' text
         columns["environment_reward"] = [c.extra["reward"] for c in completions]
-    texts = [decode(tokenizer, c.token_ids) for c in completions]
+        columns["episode"] = [decode(tokenizer, c.token_ids) for c in completions]
     pattern = cfg.rewards.step_pattern
     steps = None if pattern is None else [find_steps(tokenizer, c.token_ids, pattern) for c in completions]
-    return compute_rewards(reward_funcs, weights, prompts, texts, [c.token_ids for c in completions], columns,
+    return compute_rewards(reward_funcs, weights, prompts, texts, [sampled_ids(c) for c in completions], columns,
                            steps=steps)
 
 

@@ -421,3 +421,16 @@ def test_the_pipelines_rl_stages_and_evaluation_take_tools(tmp_path):
     assert stage_config(cfg, "reasoning_rl").tools.max_turns == 2
     assert stage_config(cfg, "helpfulness_rl").tools.environment == "test_tools:Echo"
     assert eval_config(cfg, "model", tmp_path / "eval.json").tools.funcs == ["calculator"]
+
+
+def test_rewards_score_what_the_model_wrote_not_what_a_tool_answered(tok, tmp_path):
+    from fastgrpo.grpo import score_share
+    from fastgrpo.rewards import accuracy_reward
+
+    cfg = load_config(GRPOConfig, None, [f"model.path={tmp_path}", "generation.num_generations=1"])
+    row = {"prompt": "6*7=", "answer": "42"}
+    for last, right in (("I called it.", 0.0), ("Answer: 42", 1.0)):
+        (group,) = runner(tok, tmp_path).generate(ScriptedTurns(tok, [CALL, last]), [[1]], [row],
+                                                  SamplingConfig(n=1, seed=0))
+        scores = score_share([([1], row)], group, tok, [accuracy_reward], [1.0], cfg)
+        assert scores.rewards.tolist() == [right], last  # the tool's "42" is in the episode, not in the model's text
