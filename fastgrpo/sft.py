@@ -41,7 +41,8 @@ MAY_CHANGE = ("train.steps", "train.lr", "train.weight_decay", "train.max_grad_n
 
 @dataclass
 class SFTDataConfig:
-    source: str = "builtin:arithmetic"  # builtin:<task> (completions from its chain of thought) or a .jsonl file
+    # builtin:<task> (completions from its chain of thought; builtin:multiply_tools: calculator episodes) or a .jsonl
+    source: str = "builtin:arithmetic"
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     num_examples: int = 2000
