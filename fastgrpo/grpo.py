@@ -30,21 +30,21 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig, LossConfig, TrainConfig, load_cli_config, write_run_config
 from .config_doc import help_text
 from .data import PromptSampler, decode, load_prompts
-from .episodes import EpisodeRunner, episode_runner, sampled_ids
 from .distributed import (all_gather_objects, all_reduce_sum, clip_grad_norm_, end_worker, init_distributed,
                           reshard, world)
+from .episodes import EpisodeRunner, episode_runner, sampled_ids
 from .generation import HFGenerator, SamplingConfig, VLLMGenerator
-from .vllm_bridge import kv_cache_gib_for
-from .metrics import MetricsLogger, Timer, peak_memory_mib
+from .iterative import RewardModelLearner, learn_from_rollout, make_learner
 from .lora import reference_precision
+from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .models import load_model
 from .packing import (PackedBatch, PackingStats, completion_rows, completion_values, pack, packed_backward,
                       packed_hidden_states, plan_micro_batches)
 from .precision import autocast
-from .iterative import RewardModelLearner, learn_from_rollout, make_learner
 from .rewards import Scores, build_rewards, compute_rewards, reward_name
 from .runs import RunError, check_model_path, command_line, lock_run_dir
 from .steps import compile_pattern, find_steps
+from .vllm_bridge import kv_cache_gib_for
 
 # ----------------------------------------------------------------------------------------------------------
 # Init
