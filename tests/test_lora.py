@@ -4,6 +4,7 @@ adapters over the shared base, checkpoints in peft's format resume exactly; on a
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from test_iterative import sevens  # the share of "7"s: a rule reward a tiny run can move
 
 from fastgrpo.config import ConfigError, GRPOConfig, LoraConfig, ModelConfig, load_config
 from fastgrpo.lora import apply_lora, base_parameters, reference_precision
@@ -155,10 +156,6 @@ def test_zero_copy_with_lora_keeps_one_copy_of_the_base(model_path):
     padded_rows = engine.model.embed_tokens.weight.shape[0] - model.config.vocab_size
     assert sum(storages.values()) == (nbytes(base.values()) + nbytes(adapters(model))
                                       + 2 * padded_rows * model.config.hidden_size * 4)
-
-
-def sevens(completions, **kwargs):
-    return [c.count("7") / max(len(c), 1) for c in completions]
 
 
 def grpo_cfg(model_path, run_dir, *overrides):

@@ -187,7 +187,7 @@ class ScriptedTurns:
             self.asked.append(list(prompt))
             turn = seed // (2**36)
             text = self.turns[min(turn, len(self.turns) - 1)]
-            ids = [self.tok.convert_tokens_to_ids(self.tok.tokenize(ch)[0]) for ch in text] + [self.tok.eos_token_id]
+            ids = self.typed(text)
             logprobs = [-0.5 - 0.01 * i for i in range(len(ids))]
             reason = "length" if len(ids) > budget else "stop"
             out.append(Completion(ids[:budget], logprobs[:budget], reason))
