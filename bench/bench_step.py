@@ -1,6 +1,7 @@
 """One whole GRPO step (generation, rewards, loss, optimizer step): fastgrpo against TRL 1.16's GRPOTrainer.
 
     python bench/bench_step.py [--model tiny|qwen2-180m] [--prompts 2] [--G 8] [--length 64] [--steps 3]
+                               [--lora R]
                                [--bf16] [--interleave] [--out bench/STEP.md]
 
 Both sides train the same local model (bench_generation.MODELS) on the same prompts with the same settings:
@@ -62,6 +63,8 @@ from harness import BENCH_DIR, TURNS, Step, _status_mib, environment, run_case, 
 
 CASES = (("trl", "hf"), ("fastgrpo", "vllm:reload"), ("fastgrpo", "vllm:zero_copy"), ("fastgrpo", "hf"))
 LR, BETA, EPSILON, TEMPERATURE, LOSS_TYPE = 1e-6, 0.04, 0.2, 1.0, "grpo"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_ALPHA_PER_RANK = 2
 COMPLETION_TOKENS: list[int] = []  # per reward call, i.e. per step: what was actually generated
 
 
@@ -97,7 +100,7 @@ def step_times(ends: list[float]) -> list[float]:
 
 
 def build_fastgrpo(path: Path, work: Path, backend: str, prompts: int, G: int, length: int, steps: int,
-                   kv_cache_gib: float | None, gradient_checkpointing: bool, bf16: bool, info: dict):
+                   kv_cache_gib: float | None, gradient_checkpointing: bool, bf16: bool, info: dict, lora: int = 0):
     generation, *extra = backend.split("+")  # "vllm:zero_copy+train.micro_batch_tokens=2048": config overrides
     from transformers import AutoTokenizer
 
@@ -119,6 +122,8 @@ def build_fastgrpo(path: Path, work: Path, backend: str, prompts: int, G: int, l
         f"loss.loss_type={LOSS_TYPE}", f"loss.beta={BETA}", f"loss.eps_low={EPSILON}", f"loss.eps_high={EPSILON}",
         f"train.prompts_per_step={prompts}", f"train.steps={1 + steps}", f"train.lr={LR}", "train.seed=0",
         f"model.gradient_checkpointing={str(gradient_checkpointing).lower()}",
+        *([f"model.lora.r={lora}", f"model.lora.alpha={LORA_ALPHA_PER_RANK * lora}",
+           f"model.lora.target_modules=[{','.join(LORA_TARGETS)}]"] if lora else []),
         *extra,  # the case's own settings, last: they win
     ]
     if fastgrpo_ignores_eos():
@@ -160,7 +165,7 @@ def build_fastgrpo(path: Path, work: Path, backend: str, prompts: int, G: int, l
 
 
 def build_trl(path: Path, work: Path, backend: str, prompts: int, G: int, length: int, steps: int,
-              gradient_checkpointing: bool, bf16: bool, info: dict):
+              gradient_checkpointing: bool, bf16: bool, info: dict, lora: int = 0):
     # "hf+per_device_train_batch_size=4": 4 sequences per forward/backward, accumulated over the P*G of a step
     _, *extra = backend.split("+")
     micro = prompts * G
@@ -200,8 +205,14 @@ def build_trl(path: Path, work: Path, backend: str, prompts: int, G: int, length
         max_grad_norm=1.0,
     )
     clock = StepClock()
+    peft_config = None
+    if lora:  # TRL's reference is then the base with the adapters disabled, as fastgrpo's
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=lora, lora_alpha=LORA_ALPHA_PER_RANK * lora, lora_dropout=0.0,
+                                 target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=str(path), reward_funcs=[even_tokens], args=args, train_dataset=dataset,
-                          callbacks=[clock])
+                          callbacks=[clock], peft_config=peft_config)
     info["setup_rss_mib"] = _status_mib("VmRSS")
     setup_hwm = _status_mib("VmHWM")  # the harness resets the high-water mark before it calls run()
 
@@ -229,17 +240,18 @@ def build_trl(path: Path, work: Path, backend: str, prompts: int, G: int, length
 
 
 def build(impl: str, backend: str, model: str, prompts: int, G: int, length: int, steps: int,
-          kv_cache_gib: float | None = None, gradient_checkpointing: bool = False, bf16: bool = False) -> Step:
+          kv_cache_gib: float | None = None, gradient_checkpointing: bool = False, bf16: bool = False,
+          lora: int = 0) -> Step:
     """A Step whose `forward` is the whole training run (1 + steps steps); the harness's own timings of it
     (fwd_s, peak_extra_mib) include setup and are not used: the per-step numbers are in `info`."""
     path = _model_path(model)
     work = Path(tempfile.mkdtemp(prefix=f"bench-step-{impl}-{backend}-"))
     info = {"ignore_eos": fastgrpo_ignores_eos()}
     if impl == "trl":
-        run = build_trl(path, work, backend, prompts, G, length, steps, gradient_checkpointing, bf16, info)
+        run = build_trl(path, work, backend, prompts, G, length, steps, gradient_checkpointing, bf16, info, lora)
     else:
         run = build_fastgrpo(path, work, backend, prompts, G, length, steps, kv_cache_gib, gradient_checkpointing,
-                             bf16, info)
+                             bf16, info, lora)
 
     def forward():
         try:
@@ -344,6 +356,9 @@ def main():
                         help="recompute each decoder layer in the backward, on both sides")
     parser.add_argument("--bf16", action="store_true",
                         help="mixed precision on both sides: fp32 weights, bf16 compute")
+    parser.add_argument("--lora", type=int, default=0, metavar="R",
+                        help="LoRA of rank R (alpha 2R) on every decoder linear, on both sides (TRL: a peft "
+                             "LoraConfig); 0: full fine-tuning")
     parser.add_argument("--cases", default=",".join(f"{i}-{b}" for i, b in CASES),
                         help="comma-separated impl-backend pairs; a fastgrpo backend may carry config overrides: "
                              "fastgrpo-vllm:zero_copy+train.micro_batch_tokens=2048")
@@ -355,7 +370,8 @@ def main():
         parser.error("--steps must be >= 1")
     env = environment()
     shape = dict(model=args.model, prompts=args.prompts, G=args.G, length=args.length, steps=args.steps,
-                 kv_cache_gib=args.kv_cache_gib, gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16)
+                 kv_cache_gib=args.kv_cache_gib, gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16,
+                 lora=args.lora)
     command = " ".join(["python bench/bench_step.py", *sys.argv[1:]])
     eos = ("EOS disabled on both sides: every completion has L tokens" if fastgrpo_ignores_eos() else
            "EOS enabled on both sides (fastgrpo has no ignore_eos option yet): completions may end early, and "
@@ -371,7 +387,11 @@ def main():
         f"Model {args.model}, {'fp32 weights, bf16 compute' if args.bf16 else 'fp32'}; {args.prompts} prompts x G={args.G} completions of up to {args.length} tokens; "
         f"temperature {TEMPERATURE}, loss {LOSS_TYPE}, epsilon {EPSILON}, beta {BETA} (reference model on both "
         f"sides), lr {LR}, one optimizer step per generation batch, gradient checkpointing "
-        f"{'on' if args.gradient_checkpointing else 'off'} on both sides; {eos}. "
+        f"{'on' if args.gradient_checkpointing else 'off'} on both sides; "
+        + (f"LoRA r={args.lora}, alpha={LORA_ALPHA_PER_RANK * args.lora} on {', '.join(LORA_TARGETS)} on both sides "
+           "(TRL: peft_config; each side's reference is the base with the adapters disabled); " if args.lora else
+           "full fine-tuning; ")
+        + f"{eos}. "
         f"Medians over {args.steps} steps after one warm-up step, each implementation in a fresh process"
         + (", all processes at once taking turns step by step (`s/step`: the time a step held the turn)."
            if args.interleave else " (one after the other)."),
