@@ -218,9 +218,25 @@ def task_prompts(n: int) -> list[dict]:
     return [{"prompt": [{"role": "user", "content": f"What is {a}*{b}?"}], "answer": str(a * b)} for a, b in pairs]
 
 
+def fitting_contexts(tok, n: int = 64) -> list[list[int]]:
+    """The token ids the fitted model must answer with CALL: the task's prompts as both trainers render them (the
+    calculator described in the system turn), at the first turn and after one call and its tool response."""
+    from fastgrpo.tools import calculator
+
+    call = {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "calculator", "arguments": {"expression": "6*7"}}}]}
+    contexts = []
+    for row in task_prompts(n):
+        for messages in (row["prompt"], [*row["prompt"], call, {"role": "tool", "content": "42"}]):
+            contexts.append(list(tok.apply_chat_template(messages, tools=[calculator], add_generation_prompt=True,
+                                                         tokenize=True, return_dict=True)["input_ids"]))
+    return contexts
+
+
 def tool_caller_path(name: str, fit_steps: int = 300) -> Path:
-    """A small Qwen2 fitted to answer every assistant turn with CALL, cached like _model_path's (150 steps on the
-    tiny shape were not enough: bench/TOOLS.md)."""
+    """A small Qwen2 fitted to answer every assistant turn with CALL, cached like _model_path's. It is fitted on the
+    very prompts the benchmark samples from (fitting_contexts): one fitted after random text of random length made
+    no parseable call on the long tool-describing prompts after 150 steps (bench/TOOLS.md)."""
     from transformers import AutoModelForCausalLM
 
     from fastgrpo.tiny import tiny_config
@@ -233,18 +249,16 @@ def tool_caller_path(name: str, fit_steps: int = 300) -> Path:
     config.eos_token_id = tok.eos_token_id
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # what follows the assistant header is learned after random text of random length (short, so a step is cheap;
-    # attention is relative under RoPE, so it carries over to the long tool-describing prompts)
-    turn = tok("<|im_start|>assistant\n" + CALL + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    header = len(tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+    turn = tok(CALL + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    contexts = fitting_contexts(tok)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(fit_steps):
-        filler = torch.randint(8, 100, (16, int(torch.randint(4, 64, (1,), generator=g))), generator=g)  # (16, F)
-        ids = torch.cat([filler, torch.tensor(turn).expand(16, -1)], 1)  # (16, F + len(turn))
-        labels = ids.clone()
-        labels[:, :filler.size(1) + header] = -100
-        model(input_ids=ids, labels=labels).loss.backward()
+        for i in torch.randint(len(contexts), (8,), generator=g).tolist():  # 8 sequences a step, one at a time
+            ids = torch.tensor([contexts[i] + turn])
+            labels = ids.clone()
+            labels[:, :len(contexts[i])] = -100
+            (model(input_ids=ids, labels=labels).loss / 8).backward()
         optimizer.step()
         optimizer.zero_grad()
     model.generation_config.eos_token_id = tok.eos_token_id
