@@ -63,17 +63,18 @@ def _addition(rng: random.Random, split: str, digits: int = 2) -> dict:
 
 
 def _multiplication(rng: random.Random, split: str) -> dict:
-    """a*b with a of 3 digits and b of 1 or 2 (each half the time): what the tiny model does poorly alone and well
-    with a calculator tool (the cold start of sft.TOOL_DEMOS). No chain of thought: the answer is written directly,
-    or copied from the tool's result.
+    """a*b with a and b of 2 digits and a product of 4: what the tiny model does poorly alone and well with a
+    calculator tool (the cold start of sft.TOOL_DEMOS). No chain of thought: the answer is written directly, or
+    copied from the tool's result. Every prompt and every answer has the same length, so a tool call copies the
+    prompt, and the final answer the tool's result, from a fixed distance: a 2-layer model learns such a copy in
+    minutes, and left it unlearned when the lengths varied (3 digits times 1 or 2).
 
     >>> _multiplication(random.Random(0), "train")
-    {'prompt': '876*63=', 'answer': '55188', 'task': 'reasoning'}
+    {'prompt': '59*63=', 'answer': '3717', 'task': 'reasoning'}
     """
-    low, high = rng.choice([(2, 10), (10, 100)])  # b of 0 or 1 would be no multiplication at all
     while True:
-        a, b = rng.randrange(100, 1000), rng.randrange(low, high)
-        if split_of(f"{a}*{b}=") == split:
+        a, b = rng.randrange(10, 100), rng.randrange(10, 100)
+        if a * b >= 1000 and split_of(f"{a}*{b}=") == split:
             break
     return {"prompt": f"{a}*{b}=", "answer": str(a * b), "task": "reasoning"}
 
