@@ -1,7 +1,7 @@
 """Where a full-fine-tuning GRPO step's peak resident memory goes: fastgrpo phase by phase, against TRL 1.16.
 
     python bench/bench_memory.py [--model qwen2-180m] [--length 64] [--steps 2]
-                                 [--cases fastgrpo,trl,fastgrpo+model.gradient_checkpointing=true] [--out bench/MEMORY.md]
+                                 [--cases fastgrpo,trl,fastgrpo+model.gradient_checkpointing=true] [--detail]
 
 The shape and settings are bench_step.py's (its builders run both trainers): P prompts x G completions of L tokens,
 fp32, beta 0.04 (a reference model on both sides), AdamW, and otherwise each trainer's defaults (fastgrpo's KV cache

@@ -165,8 +165,19 @@ def _save_sharded(tmp: Path, model, optimizer, tensors: dict) -> dict | None:
 
 
 def _write_trainer_state(path: Path, trainer_state: dict, tensors: dict) -> None:
-    save_file(tensors, path / TRAINER_TENSORS)
+    save_file(_unshared(tensors), path / TRAINER_TENSORS)
     (path / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
+
+
+def _unshared(tensors: dict) -> dict:
+    """`tensors` with each one that shares memory with an earlier one copied: safetensors refuses shared memory, and
+    bitsandbytes' 8-bit optimizers hold one quantization map (qmap1, qmap2) for all parameters."""
+    seen, out = set(), {}
+    for name, t in tensors.items():
+        address = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if address in seen else t
+        seen.add(address)
+    return out
 
 
 def _split_optimizer_state(optimizer_state: dict) -> tuple[dict, dict]:

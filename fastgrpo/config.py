@@ -46,7 +46,10 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16: what the forward and backward compute in (fastgrpo/precision.py)
     param_dtype: str = "float32"  # trainable weights, gradients, optimizer state; bfloat16 loses small updates
     trust_remote_code: bool = False  # off unless turned on: loading a model must not run its code
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward: less activation memory
+    # GRPO with loss.beta > 0, full fine-tuning: the reference model's weights and forward; None: model.dtype.
+    # bfloat16 under fp32 training halves its memory (bench/MEMORY.md)
+    reference_dtype: str | None = None
     # None: full fine-tuning. Setting any model.lora key turns LoRA on (fastgrpo/lora.py), the others then default:
     # r=16, alpha=32.0, dropout=0.0, target_modules=[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
     # (the decoder's linear layers), quantize=null (nf4: QLoRA, where bitsandbytes runs it); e.g. model.lora.r=8
@@ -195,6 +198,9 @@ class TrainConfig:
     dynamic_sampling_reward: str | None = None
     max_refills: int = 3
     max_bad_steps: int = 5  # consecutive non-finite steps before stopping (the last good checkpoint is kept)
+    # adamw: torch's fused AdamW, state in model.param_dtype | adamw_8bit: bitsandbytes' AdamW8bit, both moments in
+    # 8 bits (a quarter of adamw's state; fastgrpo/precision.py)
+    optimizer: str = "adamw"
     seed: int = 0
 
 
@@ -238,6 +244,8 @@ class GRPOConfig:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "model.reference_dtype": ("float32", "bfloat16"),
+    "train.optimizer": ("adamw", "adamw_8bit"),
     "model.lora.quantize": ("nf4",),
     "dtype": ("auto", "float32", "bfloat16"),  # evaluation and rejection sampling: vLLM's
     "data.long_prompts": ("skip", "error"),
@@ -259,6 +267,10 @@ def _check_choices(cfg) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {allowed}")
     if OmegaConf.select(cfg, "model.param_dtype", default=None) is not None:
         check_precision(cfg.model)
+    lora = OmegaConf.select(cfg, "model.lora", default=None)
+    if OmegaConf.select(cfg, "model.reference_dtype", default=None) and lora is not None:
+        raise ConfigError(f"model.reference_dtype={cfg.model.reference_dtype} with model.lora: the reference is the "
+                          f"policy's own base with the adapters disabled, there is no separate reference to store")
     quantize = OmegaConf.select(cfg, "model.lora.quantize", default=None)
     if quantize is not None and OmegaConf.select(cfg, "generation.backend", default=None) == "vllm":
         raise ConfigError(f"model.lora.quantize={quantize} needs generation.backend=hf: vLLM can neither share nor "

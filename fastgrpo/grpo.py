@@ -15,6 +15,7 @@ normalized by the step's global counts: a step computes what it computes in one 
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -40,11 +41,16 @@ from .metrics import MetricsLogger, Timer, peak_memory_mib
 from .models import load_model
 from .packing import (PackedBatch, PackingStats, completion_rows, completion_values, pack, packed_backward,
                       packed_hidden_states, plan_micro_batches)
-from .precision import autocast
+from .precision import autocast, make_optimizer, reference_config
 from .rewards import Scores, build_rewards, compute_rewards, reward_name
 from .runs import RunError, check_model_path, command_line, lock_run_dir
 from .steps import compile_pattern, find_steps
 from .vllm_bridge import kv_cache_gib_for
+
+try:
+    _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _MALLOC_TRIM = None
 
 # ----------------------------------------------------------------------------------------------------------
 # Init
@@ -326,7 +332,8 @@ def prepare(model, ref_model, rollout: Rollout, advantages, cfg: GRPOConfig) -> 
     per_token = isinstance(advantages, list)
     needs_old = cfg.train.num_iterations > 1 or L.tis_cap is not None or L.is_mode is not None
     old = score(model, packed, T, autocast(cfg.model, device)) if needs_old else [None] * len(packed)
-    ref = (score(ref_model or model, packed, T, reference_precision(model, ref_model, autocast(cfg.model, device)))
+    ref_precision = autocast(reference_config(cfg.model) if ref_model is not None else cfg.model, device)
+    ref = (score(ref_model or model, packed, T, reference_precision(model, ref_model, ref_precision))
            if L.beta else [None] * len(packed))
     micro_batches = []
     for (p, rows, cu_seqlens, real), old_logp, ref_logp in zip(packed, old, ref):
@@ -395,6 +402,31 @@ def update(model, optimizer, micro_batches: list[MicroBatch], loss_config, norms
             "bad_updates": bad}
 
 
+def release_freed_memory() -> None:
+    """Hand the heap pages that freed tensors left behind back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc raises its mmap threshold as large blocks are freed, so later temporaries of a few MiB come from the heap,
+    and the heap keeps their pages once they are freed: 393 MiB at 180M parameters (bench/MEMORY.md), on which the
+    next phase's peak stacks. Called between phases: returning 1.2 GB took 0.18 s here.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def release_memory_before_embedding_grad(model) -> None:
+    """In each training backward, release_freed_memory() just before the input embedding's gradient is computed.
+
+    That gradient (V x H, as large as the head's) is the backward's last allocation, and by then every decoder
+    layer's activations have been freed: handed back first, their pages do not sit under it (bench/MEMORY.md).
+    """
+
+    def on_forward(module, inputs, output):
+        if output.requires_grad:  # a training forward (not the reference pass, not generation, not LoRA's frozen one)
+            output.register_hook(lambda grad: release_freed_memory())
+
+    model.get_input_embeddings().register_forward_hook(on_forward)
+
+
 def optimize(model, ref_model, optimizer, rollout: Rollout, advantages, loss_config, cfg: GRPOConfig) -> dict:
     """One step's training on its rollout: prepare, then num_iterations updates; returns the step's loss metrics.
 
@@ -404,6 +436,7 @@ def optimize(model, ref_model, optimizer, rollout: Rollout, advantages, loss_con
     micro_batches, norms, stats = prepare(model, ref_model, rollout, advantages, cfg)
     if norms["num_items"] == 0:  # nothing to train: no loss, no update
         return {"nothing_to_train": 1.0, "bad_updates": 0, **stats}
+    release_freed_memory()  # the rollout's and the reference pass's temporaries, before the step's peak
     return {**update(model, optimizer, micro_batches, loss_config, norms, cfg), "nothing_to_train": 0.0, **stats}
 
 
@@ -532,14 +565,13 @@ def start_run(cfg: GRPOConfig, reward_funcs=None) -> tuple[Run, dict]:
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(cfg.model, trainable=True, device=device)
+    release_memory_before_embedding_grad(model)
     # LoRA: the reference is the policy with its adapters disabled (fastgrpo/lora.py), no second model
-    ref_model = load_model(cfg.model, trainable=False, device=device) if cfg.loss.beta and not cfg.model.lora else None
+    ref_model = (load_model(reference_config(cfg.model), trainable=False, device=device)
+                 if cfg.loss.beta and not cfg.model.lora else None)
     funcs, weights = make_rewards(cfg, reward_funcs, device)
     reward_names = [reward_name(f) for f in funcs]
-    # fused: one kernel over all parameters, no parameter-sized temporaries (the default foreach path needs ~0.9x
-    # the model's size on top, and is 10x slower on CPU: measured on a 180M-parameter model, 1.3 s vs 0.12 s)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay, fused=True)  # LoRA: the adapters alone
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)  # LoRA: the adapters
     episodes = episode_runner(cfg, tokenizer)
     sampler = make_sampler(cfg, tokenizer, episodes)
     learner = make_learner(cfg, funcs, weights, reward_names)
@@ -575,6 +607,7 @@ def grpo_step(run: Run, step: int) -> dict:
         group.update(lr=lr, weight_decay=cfg.train.weight_decay)
     with timer("training"):
         loss_metrics = optimize(run.model, run.ref_model, run.optimizer, rollout, advantages, run.loss_config, cfg)
+    release_freed_memory()  # the loss's and the optimizer step's temporaries, before the packed copies are rebuilt
     with timer("weight_sync"):
         run.generator.sync_weights()
     if run.learner is not None:
