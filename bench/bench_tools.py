@@ -188,7 +188,7 @@ def rollout_report(rows: dict, shape: dict) -> list[str]:
 
 TRL_MODELS = {name: MODELS[name] for name in ("tiny", "qwen2-3m", "qwen2-24m")}
 CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>'
-COUNTS: list[int] = []  # completion tokens per step, counted by the reward
+COUNTS: list[int] = []  # completion tokens per step as the reward gets them (TRL's include the tool results)
 
 
 def count_reward(completions, completion_ids=None, **_):
@@ -312,11 +312,21 @@ def trl_case(impl: str, model: str, prompts: int, G: int, turns: int, length: in
     def run():
         history = (_fastgrpo_train if impl == "fastgrpo" else _trl_train)(path, data, prompts, G, turns, length, steps)
         held = TURNS.step_s()  # from one step's reward to the next: an update, then a rollout
-        info.update(tokens=COUNTS[1:len(held) + 1], held_s=held, peak_rss_mib=_status_mib("VmHWM"),
+        info.update(tokens=sampled_tokens(impl, history, prompts * G)[1:len(held) + 1], held_s=held,
+                    all_tokens=COUNTS[1:len(held) + 1], peak_rss_mib=_status_mib("VmHWM"),
                     history=[{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in history])
         return None
 
     return Step(run, lambda _: None, params=[], flops=0.0, min_bytes=1.0, tokens=1, info=info)
+
+
+def sampled_tokens(impl: str, history: list[dict], episodes: int) -> list[float]:
+    """Per step, the tokens the model sampled (tool results left out), as both count them: fastgrpo's reward gets
+    the sampled turns alone as completion_ids; TRL's gets the tool results inside them, and logs the sampled length
+    (its tool_mask) as completions/mean_length."""
+    if impl == "fastgrpo":
+        return list(COUNTS)
+    return [h["completions/mean_length"] * episodes for h in history if "completions/mean_length" in h]
 
 
 def _tool_use(history: list[dict]) -> str:
@@ -332,10 +342,11 @@ def trl_report(rows: dict, shape: dict) -> list[str]:
     lines = [
         f"Model {shape['model']} shape fitted to always call the calculator (tool_caller_path), Qwen2.5 chat template; "
         f"{shape['prompts']} prompts x G={shape['G']} per step, {shape['turns']} turns (every turn calls the tool), "
-        f"completions of up to {shape['length']} tokens; loss grpo, beta 0.04, epsilon 0.2. tok/s: completion tokens "
-        f"(sampled and tool) over the seconds each process held the turn, {shape['steps']} steps after one warm-up.",
-        "", "| case | completion tokens / step | tool use | s / step | completion tok/s | peak RSS MiB | tok/s vs TRL | "
-        "peak vs TRL |", "|---|--:|---|--:|--:|--:|--:|--:|",
+        f"completions of up to {shape['length']} tokens; loss grpo, beta 0.04, epsilon 0.2. tok/s: sampled tokens "
+        f"(tool results left out: sampled_tokens) over the seconds each process held the turn; `with tool results`: "
+        f"the completion tokens the reward got, each trainer's own layout; {shape['steps']} steps after one warm-up.",
+        "", "| case | sampled tokens / step | with tool results | tool use | s / step | sampled tok/s | peak RSS MiB | "
+        "tok/s vs TRL | peak vs TRL |", "|---|--:|--:|---|--:|--:|--:|--:|--:|",
     ]
     done = {case: row for case, row in rows.items() if row.get("held_s")}
     rate = {case: sum(row["tokens"]) / sum(row["held_s"]) for case, row in done.items()}
@@ -345,7 +356,8 @@ def trl_report(rows: dict, shape: dict) -> list[str]:
             continue
         vs = (f"{rate[case] / rate['trl']:.2f}x | {row['peak_rss_mib'] / rows['trl']['peak_rss_mib']:.2f}x"
               if "trl" in done else "- | -")
-        lines.append(f"| {case} | {statistics.mean(row['tokens']):,.0f} | {_tool_use(row['history'])} | "
+        lines.append(f"| {case} | {statistics.mean(row['tokens']):,.0f} | {statistics.mean(row['all_tokens']):,.0f} | "
+                     f"{_tool_use(row['history'])} | "
                      f"{statistics.median(row['held_s']):.2f} | "
                      f"{rate[case]:,.0f} | {row['peak_rss_mib']:,.0f} | {vs} |")
     return lines
