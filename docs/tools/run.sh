@@ -1,4 +1,6 @@
-# GRPO with the calculator tool vs without it, on the tiny default's multiplication task (builtin:multiply).
+# GRPO with the calculator tool vs without it, on the tiny default's multiplication task (builtin:multiply: 2-digit
+# x 2-digit, 4-digit products). ~50 minutes on the shared 2-core machine (cold start ~15, GRPO and evaluations ~35);
+# results in docs/tools/RESULTS.md.
 #   bash docs/tools/run.sh [OUT]      # results in OUT/*/eval.json, table by docs/tools/table.py
 # One cold start (configs/sft_tools_tiny.yaml: demonstrations that call the calculator and that answer directly);
 # each condition trains 40 GRPO steps (8 prompts x 8 episodes) from it with RL seeds 0-2 and is scored on 200
@@ -32,3 +34,4 @@ for condition in tools direct; do
     $PY -m fastgrpo.evaluate $run/checkpoints/step-00000040 $EVAL $tools out=$run/eval.json
   done
 done
+$PY docs/tools/table.py $OUT

@@ -10,8 +10,13 @@ from pathlib import Path
 
 
 def row(name: str, results: list[dict]) -> str:
-    mean = lambda key: sum(r.get(key, 0.0) for r in results) / len(results)  # noqa: E731
-    return f"| {name} | {mean('pass@1'):.3f} | {mean('tool_call_share'):.2f} | {mean('turns'):.2f} |"
+    """A table row of the mean of `results`; "-" for the tool columns of runs without the tool (none reported)."""
+    def mean(key: str, digits: int) -> str:
+        if key not in results[0]:
+            return "-"
+        return f"{sum(r[key] for r in results) / len(results):.{digits}f}"
+
+    return f"| {name} | {mean('pass@1', 3)} | {mean('tool_call_share', 3)} | {mean('turns', 2)} |"
 
 
 def main(out: Path) -> None:
@@ -25,6 +30,20 @@ def main(out: Path) -> None:
             print(row(f"GRPO {condition}, RL seed {path.parent.name.rsplit('-', 1)[1]}", [r]))
         if results:
             print(row(f"GRPO {condition}, mean of {len(results)} seeds", results))
+    print("\n| run | training reward, first 5 steps | last 5 steps | calling the tool, first 5 steps | last 5 steps |")
+    print("|---|---|---|---|---|")
+    for path in sorted(out.glob("*-[0-9]*/metrics.jsonl")):
+        print(training_row(path.parent.name, [json.loads(line) for line in path.read_text().splitlines()]))
+
+
+def training_row(name: str, history: list[dict]) -> str:
+    """The GRPO run's mean reward and tool-call share over its first and its last 5 steps (training samples)."""
+    def mean(key: str, steps: list[dict]) -> str:
+        return "-" if key not in steps[0] else f"{sum(h[key] for h in steps) / len(steps):.3f}"
+
+    first, last = history[:5], history[-5:]
+    return (f"| {name} | {mean('reward/mean', first)} | {mean('reward/mean', last)} | "
+            f"{mean('tools/call_share', first)} | {mean('tools/call_share', last)} |")
 
 
 if __name__ == "__main__":
