@@ -28,9 +28,9 @@ temporaries, which at 180M (a 151,936 x 512 embedding and head) raise the optimi
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import replace
+
+import torch
 
 from .config import ConfigError, ModelConfig, TrainConfig, check_precision
 from .distributed import world
