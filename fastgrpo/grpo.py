@@ -332,7 +332,7 @@ def prepare(model, ref_model, rollout: Rollout, advantages, cfg: GRPOConfig) -> 
     per_token = isinstance(advantages, list)
     needs_old = cfg.train.num_iterations > 1 or L.tis_cap is not None or L.is_mode is not None
     old = score(model, packed, T, autocast(cfg.model, device)) if needs_old else [None] * len(packed)
-    ref_precision = autocast(reference_config(cfg.model) if ref_model is not None else cfg.model, device)
+    ref_precision = autocast(reference_config(cfg.model), device)  # LoRA: model.dtype (no reference_dtype)
     ref = (score(ref_model or model, packed, T, reference_precision(model, ref_model, ref_precision))
            if L.beta else [None] * len(packed))
     micro_batches = []

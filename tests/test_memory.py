@@ -6,10 +6,12 @@ import sys
 import pytest
 import torch
 
-from fastgrpo.config import ConfigError, GRPOConfig, load_config
+from fastgrpo.config import ConfigError
 from fastgrpo.grpo import start_run, train
 from fastgrpo.packing import pack, packed_backward, packed_hidden_states
 from fastgrpo.tiny import build_tiny_model
+from test_grpo import make_cfg as grpo_cfg
+from test_grpo import sevens
 
 
 @pytest.fixture(scope="module")
@@ -18,17 +20,8 @@ def model_path(tmp_path_factory):
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2"))
 
 
-def sevens(completions, **kwargs):
-    return [c.count("7") / max(len(c), 1) for c in completions]
-
-
 def make_cfg(model_path, run_dir, *overrides):
-    return load_config(GRPOConfig, None, [
-        f"model.path={model_path}", f"log.run_dir={run_dir}", "log.tensorboard=false", "data.num_examples=64",
-        "data.max_prompt_length=32", "generation.backend=hf", "generation.num_generations=4",
-        "generation.max_completion_length=12", "train.prompts_per_step=4", "train.steps=1", "train.lr=3e-3",
-        "train.micro_batch_tokens=256", "loss.beta=0.04", *overrides,
-    ])
+    return grpo_cfg(model_path, run_dir, "loss.beta=0.04", *overrides)  # a reference model: its dtype is an option
 
 
 def saved_activation_bytes(model, packed) -> int:
